@@ -1,0 +1,183 @@
+"""Weight-only INT8/INT4 quantization in the format of the public ChatGLM-6B checkpoints.
+
+Format (per quantized ``Linear``): ``weight_scale[o] = max_i |w[o, i]| / (2**(bits-1) - 1)`` stored in fp16,
+``q = round(w / weight_scale)`` as int8. INT4 packs two values per byte, the even-indexed element in the
+high nibble: ``byte = (q[2k] << 4) | (q[2k+1] & 0xF)``, so ``weight`` is int8 of shape ``[out, in // 2]``.
+
+A :class:`QuantizedLinear` keeps only the packed bytes and the scales. Its forward unpacks the weight on
+the fly into the input's dtype (no persistent floating-point copy) and its backward returns the gradient
+of the input, so frozen quantized layers pass gradients on to LoRA adapters, prefixes, embeddings and
+LayerNorms. Pure PyTorch, so it runs on any device and dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+QUANTIZABLE_LINEARS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
+
+
+def _check_bits(bits: int) -> None:
+    if bits not in (4, 8):
+        raise ValueError(f"weight-only quantization supports 4 or 8 bits, got {bits}")
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Pack int8 values in [-8, 7] of shape [..., 2n] into int8 bytes [..., n], even index in the high nibble."""
+    if q.dtype != torch.int8:
+        raise TypeError(f"pack_int4 expects int8 values, got {q.dtype}")
+    if q.shape[-1] % 2:
+        raise ValueError(f"the last dimension must be even to pack two int4 values per byte, got {q.shape[-1]}")
+    high, low = q[..., 0::2], q[..., 1::2]
+    return (high << 4) | (low & 0x0F)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_int4`: int8 bytes [..., n] to sign-extended int8 values [..., 2n]."""
+    high = packed >> 4  # arithmetic shift keeps the sign of the high nibble
+    low = (packed << 4) >> 4  # move the low nibble up, then shift back with sign extension
+    return torch.stack((high, low), dim=-1).flatten(-2)
+
+
+def quantize_weight(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize a floating weight [out, in] per output row; returns (stored int8 weight, fp16 scale)."""
+    _check_bits(bits)
+    # Same arithmetic as the public checkpoints were made with: the scale is rounded to fp16 first and the
+    # division runs in the weight's dtype (promoted against the fp16 scale).
+    scale = (weight.abs().amax(dim=-1) / (2 ** (bits - 1) - 1)).half()
+    safe_scale = torch.where(scale == 0, torch.ones_like(scale), scale)  # an all-zero row stays zero
+    q = torch.round(weight / safe_scale[:, None]).to(torch.int8)
+    if bits == 4:
+        q = pack_int4(q)
+    return q, scale
+
+
+def dequantize_weight(qweight: torch.Tensor, scale: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """Floating weight [out, in] in ``dtype`` from the stored int8 weight and its per-row scale."""
+    _check_bits(bits)
+    q = unpack_int4(qweight) if bits == 4 else qweight
+    if dtype in (torch.float16, torch.float32, torch.float64):
+        # q * scale is exact before the final rounding, so computing in the target dtype rounds once.
+        return q.to(dtype) * scale.to(dtype)[:, None]
+    # bf16 (and others): form the exact product in fp32, then round once.
+    return (q.float() * scale.float()[:, None]).to(dtype)
+
+
+class _QuantizedMatmul(torch.autograd.Function):
+    """``x @ W.T`` with W unpacked on the fly, forward and backward; W itself never gets a gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+        weight = dequantize_weight(qweight, scale, bits, x.dtype)
+        ctx.save_for_backward(qweight, scale)
+        ctx.bits = bits
+        return F.linear(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        qweight, scale = ctx.saved_tensors
+        weight = dequantize_weight(qweight, scale, ctx.bits, grad_out.dtype)
+        return grad_out @ weight, None, None, None
+
+
+class QuantizedLinear(nn.Module):
+    """A frozen ``Linear`` whose weight is stored as INT8 or packed INT4 with one fp16 scale per output row.
+
+    ``weight``, ``weight_scale`` and ``bias`` are parameters (so they are counted and saved like the public
+    checkpoints) that never require gradients.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        _check_bits(bits)
+        if bits == 4 and in_features % 2:
+            raise ValueError(f"INT4 needs an even number of input features, got {in_features}")
+        self.in_features, self.out_features, self.bits = in_features, out_features, bits
+        stored = in_features * bits // 8
+        self.weight = nn.Parameter(torch.empty(out_features, stored, dtype=torch.int8, device=device), requires_grad=False)
+        self.weight_scale = nn.Parameter(
+            torch.empty(out_features, dtype=torch.float16, device=device), requires_grad=False
+        )
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int) -> QuantizedLinear:
+        """Quantize a floating ``nn.Linear`` (on its own device) into a new layer; the bias keeps its dtype."""
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            bits,
+            bias=linear.bias is not None,
+            device=linear.weight.device,
+            dtype=linear.bias.dtype if linear.bias is not None else None,
+        )
+        layer.set_weight(linear.weight.detach())
+        if linear.bias is not None:
+            layer.bias.data.copy_(linear.bias.detach())
+        return layer
+
+    @torch.no_grad()
+    def set_weight(self, weight: torch.Tensor) -> None:
+        """Quantize ``weight`` [out, in] into this layer's stored bytes and scales."""
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"weight shape {tuple(weight.shape)} != ({self.out_features}, {self.in_features})")
+        q, scale = quantize_weight(weight, self.bits)
+        self.weight.data.copy_(q)
+        self.weight_scale.data = scale.to(self.weight_scale.dtype)
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight as a floating tensor [out, in] (by default in the dtype of the bias or scale)."""
+        if dtype is None:
+            dtype = self.bias.dtype if self.bias is not None else self.weight_scale.dtype
+        return dequantize_weight(self.weight, self.weight_scale, self.bits, dtype)
+
+    def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
+        """An ordinary trainable ``nn.Linear`` holding the dequantized weight (and a copy of the bias)."""
+        weight = self.dequantized_weight(dtype)
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=weight.device,
+                           dtype=weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = _QuantizedMatmul.apply(x, self.weight, self.weight_scale, self.bits)
+        if self.bias is not None:
+            out = out + self.bias
+        return out
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, bias={self.bias is not None}"
+
+
+def quantize_linears(module: nn.Module, bits: int, names: tuple[str, ...] = QUANTIZABLE_LINEARS) -> int:
+    """Replace every floating ``nn.Linear`` child called one of ``names`` by a :class:`QuantizedLinear`.
+
+    Works layer by layer on each weight's own device, so a model can be quantized on the GPU one matrix at a
+    time. Returns how many layers were replaced.
+    """
+    _check_bits(bits)
+    replaced = 0
+    for parent in list(module.modules()):
+        for child_name, child in list(parent.named_children()):
+            if child_name in names and type(child) is nn.Linear:
+                setattr(parent, child_name, QuantizedLinear.from_linear(child, bits))
+                replaced += 1
+    return replaced
