@@ -9,17 +9,20 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from .configuration import ChatGLMConfig, known_config, known_config_names
 from .modeling import ChatGLMForConditionalGeneration, ChatGLMModel, ChatGLMPreTrainedModel
 from .quantization import QuantizedLinear, dequantize_weight, pack_int4, quantize_weight, unpack_int4
+from .tokenization import ChatGLMTokenizer, register_auto_tokenizer
 
 AutoConfig.register(ChatGLMConfig.model_type, ChatGLMConfig, exist_ok=True)
 # As in the public auto_map, AutoModel gives the model with its LM head (what `model.chat(...)` needs).
 AutoModel.register(ChatGLMConfig, ChatGLMForConditionalGeneration, exist_ok=True)
 AutoModelForCausalLM.register(ChatGLMConfig, ChatGLMForConditionalGeneration, exist_ok=True)
+register_auto_tokenizer()
 
 __all__ = [
     "ChatGLMConfig",
     "ChatGLMForConditionalGeneration",
     "ChatGLMModel",
     "ChatGLMPreTrainedModel",
+    "ChatGLMTokenizer",
     "QuantizedLinear",
     "dequantize_weight",
     "known_config",

@@ -10,7 +10,7 @@ One forward pass, in words:
   row 0 and its second half with row 1. Tokens before ``<sop>`` see each other (bidirectional); from
   ``<sop>`` on attention is causal.
   A GLM block is DeepNorm-like: ``x = LN(x); x = x * alpha + Attention(x); y = LN(x); out = y * alpha + MLP(y)``
-  with ``alpha = sqrt(2 * num_layers)``.
+  with ``alpha = sqrt(2 * 28)`` (the 6B depth, used by the original for every configuration).
   P-Tuning v2 adds learned keys/values (a prefix) in front of every layer's attention.
 """
 
@@ -18,121 +18,27 @@ from __future__ import annotations
 
 import math
 import os
-import queue
-import re
-import threading
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.generation.logits_process import LogitsProcessor, LogitsProcessorList
-from transformers.generation.streamers import BaseStreamer
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from .configuration import ChatGLMConfig
 from .checkpoint import remove_weight_files, save_bin_checkpoint
+from .configuration import ChatGLMConfig
+from .generation import ChatGLMGenerationMixin
+from .layout import check_bool_mask, glm_blocked_mask, glm_position_ids
 from .quantization import QUANTIZABLE_LINEARS, QuantizedLinear, quantize_linears, quantize_weight
 
 PREFIX_DROPOUT = 0.1  # dropout on the P-Tuning v2 prefix keys/values while training, as in the original
 MASKED_SCORE = -10000.0  # value the original writes into blocked attention scores
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Positions and masks
-# --------------------------------------------------------------------------------------------------------------
-
-
-def _first_index(hits: torch.Tensor) -> torch.Tensor:
-    """Index of the first True along the last dim (0 where there is none)."""
-    return hits.int().argmax(dim=-1)
-
-
-def glm_layout(
-    input_ids: torch.Tensor, config: ChatGLMConfig, padding_mask: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-token index, context length and mask position of each row of ``input_ids`` [b, s].
-
-    Without ``padding_mask`` every token counts (the original model's view). With an HF padding mask
-    [b, s] (1 = token, 0 = padding) indices count only real tokens, so a left-padded row is laid out exactly
-    like the same row alone. The context ends at the first ``<sop>`` (bos); the mask position is that of the
-    first ``[gMASK]`` if the row has one, else of the first ``[MASK]``.
-    """
-    if padding_mask is None:
-        token_index = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        real = torch.ones_like(input_ids, dtype=torch.bool)
-    else:
-        real = padding_mask.bool()
-        token_index = torch.cumsum(real.long(), dim=-1) - 1
-    is_bos = (input_ids == config.bos_token_id) & real
-    is_gmask = (input_ids == config.gmask_token_id) & real
-    is_mask = (input_ids == config.mask_token_id) & real
-    has_gmask = is_gmask.any(dim=-1)
-    missing_bos = ~is_bos.any(dim=-1)
-    missing_mask = ~(has_gmask | is_mask.any(dim=-1))
-    if bool(missing_bos.any()) or bool(missing_mask.any()):
-        row = int(torch.nonzero(missing_bos | missing_mask)[0, 0])
-        raise ValueError(
-            f"row {row} of input_ids has no "
-            f"{'<sop> (bos, id %d)' % config.bos_token_id if missing_bos[row] else '[gMASK]/[MASK] token'}: "
-            "ChatGLM needs the layout `prompt [gMASK] <sop> ...` to place positions and the attention mask. "
-            "Encode text with the ChatGLM tokenizer (it appends [gMASK] <sop>), or pass position_ids and "
-            "a 4D attention_mask yourself."
-        )
-    bos_at = _first_index(is_bos)
-    mask_at = torch.where(has_gmask, _first_index(is_gmask), _first_index(is_mask))
-    context_length = token_index.gather(1, bos_at[:, None])[:, 0]
-    mask_position = token_index.gather(1, mask_at[:, None])[:, 0]
-    return token_index, context_length, mask_position
-
-
-def glm_position_ids(
-    input_ids: torch.Tensor, config: ChatGLMConfig, padding_mask: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Position ids for a whole sequence: [b, 2, s] with 2D positions, else [b, s]; zeros on padding."""
-    token_index, ctx, mask_pos = glm_layout(input_ids, config, padding_mask)
-    in_answer = token_index >= ctx[:, None]
-    if config.position_encoding_2d:
-        absolute = torch.where(in_answer, mask_pos[:, None], token_index)
-        block = torch.where(in_answer, token_index - ctx[:, None] + 1, torch.zeros_like(token_index))
-        positions = torch.stack((absolute, block), dim=1)
-        if padding_mask is not None:
-            positions = positions * padding_mask.bool()[:, None, :]
-        return positions
-    positions = token_index.clone()
-    if padding_mask is not None:
-        positions = positions * padding_mask.bool()
-    return positions
-
-
-def glm_blocked_mask(
-    input_ids: torch.Tensor, config: ChatGLMConfig, padding_mask: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Prefix-LM mask [b, 1, s, s], True = blocked: causal, plus every query sees the context (before <sop>).
-
-    With a padding mask, padding columns are blocked for every query and padding rows are fully blocked,
-    as in the original tokenizer's padded batches.
-    """
-    token_index, ctx, _ = glm_layout(input_ids, config, padding_mask)
-    query, key = token_index[:, :, None], token_index[:, None, :]
-    visible = (key <= query) | (key < ctx[:, None, None])
-    if padding_mask is not None:
-        real = padding_mask.bool()
-        visible = visible & real[:, None, :] & real[:, :, None]
-    return (~visible)[:, None]
-
-
-def _check_bool_mask(mask: torch.Tensor) -> torch.Tensor:
-    if mask.dtype != torch.bool:
-        raise TypeError(
-            f"a 4D attention_mask must be boolean with True = blocked (as the ChatGLM tokenizer returns it), "
-            f"got {mask.dtype}; pass a 2D padding mask [batch, seq] with 1 = token instead"
-        )
-    return mask
+# The original builds every block with its default depth of 28 (the model never passes num_layers on), so the
+# residual scale is sqrt(2 * 28) whatever the configured number of layers; the same holds here.
+RESIDUAL_DEPTH = 28
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -294,7 +200,7 @@ class GLMBlock(GradientCheckpointingLayer):
         self.attention = SelfAttention(config, layer_idx)
         self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
         self.mlp = MLP(config)
-        self.alpha = (2 * config.num_layers) ** 0.5
+        self.alpha = (2 * RESIDUAL_DEPTH) ** 0.5
 
     def forward(
         self,
@@ -318,6 +224,10 @@ class GLMBlock(GradientCheckpointingLayer):
         return mlp_input * self.alpha + self.mlp(mlp_input), probs
 
 
+class PrefixEmbedding(nn.Embedding):
+    """The prefix vectors; initialised N(0, 1) like a default torch embedding, as the original's were."""
+
+
 class PrefixEncoder(nn.Module):
     """P-Tuning v2 prefix: ``pre_seq_len`` learned vectors turned into keys and values for every layer.
 
@@ -330,12 +240,12 @@ class PrefixEncoder(nn.Module):
         width = 2 * config.num_layers * config.hidden_size
         self.prefix_projection = config.prefix_projection
         if self.prefix_projection:
-            self.embedding = nn.Embedding(config.pre_seq_len, config.hidden_size)
+            self.embedding = PrefixEmbedding(config.pre_seq_len, config.hidden_size)
             self.trans = nn.Sequential(
                 nn.Linear(config.hidden_size, config.hidden_size), nn.Tanh(), nn.Linear(config.hidden_size, width)
             )
         else:
-            self.embedding = nn.Embedding(config.pre_seq_len, width)
+            self.embedding = PrefixEmbedding(config.pre_seq_len, width)
 
     def forward(self, prefix: torch.Tensor) -> torch.Tensor:
         out = self.embedding(prefix)
@@ -365,7 +275,9 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         std = 0.02
-        if isinstance(module, nn.Linear):
+        if isinstance(module, PrefixEmbedding):
+            init.normal_(module.weight, mean=0.0, std=1.0)
+        elif isinstance(module, nn.Linear):
             init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 init.zeros_(module.bias)
@@ -403,6 +315,21 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             self.prefix_dropout = nn.Dropout(PREFIX_DROPOUT)
         self.post_init()
 
+    def add_prefix_encoder(self, pre_seq_len: int, prefix_projection: bool = False) -> PrefixEncoder:
+        """Give a loaded model a fresh (fp32, randomly initialised) P-Tuning v2 prefix; freezes the rest."""
+        if getattr(self, "prefix_encoder", None) is not None:
+            raise ValueError("the model already has a prefix encoder")
+        if pre_seq_len <= 0:
+            raise ValueError(f"pre_seq_len must be positive, got {pre_seq_len}")
+        self.config.pre_seq_len, self.config.prefix_projection = pre_seq_len, prefix_projection
+        for param in self.parameters():
+            param.requires_grad_(False)
+        device = self.word_embeddings.weight.device
+        self.prefix_encoder = PrefixEncoder(self.config).to(device=device, dtype=torch.float32)
+        self.prefix_encoder.apply(self._init_weights)
+        self.prefix_dropout = nn.Dropout(PREFIX_DROPOUT)
+        return self.prefix_encoder
+
     def get_input_embeddings(self) -> nn.Embedding:
         return self.word_embeddings
 
@@ -429,7 +356,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
     ) -> AttentionMask:
         batch = input_ids.shape[0] if input_ids is not None else None
         if attention_mask is not None and attention_mask.dim() == 4:
-            blocked = _check_bool_mask(attention_mask)
+            blocked = check_bool_mask(attention_mask)
         elif attention_mask is not None and attention_mask.dim() == 2:
             if past_length == 0:
                 blocked = glm_blocked_mask(input_ids, self.config, attention_mask)
@@ -537,37 +464,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         return out if return_dict else out.to_tuple()
 
 
-class InvalidScoreLogitsProcessor(LogitsProcessor):
-    """If logits hold NaN/inf (an fp16 overflow), replace them by a distribution on one harmless token."""
-
-    def __init__(self, fallback_token_id: int) -> None:
-        self.fallback_token_id = fallback_token_id
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if torch.isnan(scores).any() or torch.isinf(scores).any():
-            scores.zero_()
-            scores[..., self.fallback_token_id] = 5e4
-        return scores
-
-
-class _TokenQueue(BaseStreamer):
-    """Hands the tokens ``generate`` produces to another thread, one step at a time."""
-
-    def __init__(self) -> None:
-        self.queue: queue.Queue = queue.Queue()
-        self.prompt_seen = False
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self.prompt_seen:  # the first call carries the prompt
-            self.prompt_seen = True
-            return
-        self.queue.put(value.reshape(-1).tolist())
-
-    def end(self) -> None:
-        self.queue.put(None)
-
-
-class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
+class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, ChatGLMGenerationMixin):
     """ChatGLM with its (tied) LM head: logits, ``loss`` from ``labels``, ``generate``, ``chat``, ``stream_chat``."""
 
     _tied_weights_keys = {"lm_head.weight": "transformer.word_embeddings.weight"}
@@ -624,191 +521,6 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
             loss=loss, logits=logits, cache=out.cache, hidden_states=out.hidden_states, attentions=out.attentions
         )
         return result if return_dict else result.to_tuple()
-
-    # ---- generation -------------------------------------------------------------------------------------------
-
-    def _next_position_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        """Positions of the last token of ``input_ids`` (used at each cached generation step)."""
-        padding = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
-        token_index, ctx, mask_pos = glm_layout(input_ids, self.config, padding)
-        last = token_index[:, -1]
-        if self.config.position_encoding_2d:
-            return torch.stack((mask_pos, last - ctx + 1), dim=1)[:, :, None]
-        return last[:, None]
-
-    @torch.no_grad()
-    def generate(self, inputs: torch.Tensor | None = None, **kwargs):
-        """``transformers`` generation, also fed the ChatGLM tokenizer's padded batch as it comes.
-
-        The tokenizer's 4D boolean mask and [b, 2, s] positions travel under their own keys, because the
-        generic code only knows 2D masks and would expand 3D positions along the wrong dimension.
-        """
-        mask = kwargs.get("attention_mask")
-        if mask is not None and mask.dim() == 4:
-            kwargs["glm_attention_mask"] = _check_bool_mask(kwargs.pop("attention_mask"))
-        if kwargs.get("position_ids") is not None:
-            kwargs["glm_position_ids"] = kwargs.pop("position_ids")
-        return super().generate(inputs, **kwargs)
-
-    def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
-        return None  # ChatGLM positions come from the [gMASK]/<sop> layout, computed per step below
-
-    def _next_position_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        """Positions of the last token of ``input_ids`` (used at each cached generation step)."""
-        token_index, ctx, mask_pos = glm_layout(input_ids, self.config, attention_mask)
-        last = token_index[:, -1]
-        if self.config.position_encoding_2d:
-            return torch.stack((mask_pos, last - ctx + 1), dim=1)[:, :, None]
-        return last[:, None]
-
-    def prepare_inputs_for_generation(
-        self,
-        input_ids: torch.LongTensor,
-        next_sequence_length: int | None = None,
-        cache: Cache | None = None,
-        attention_mask: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        is_first_iteration: bool | None = False,
-        glm_attention_mask: torch.Tensor | None = None,
-        glm_position_ids: torch.Tensor | None = None,
-        **kwargs,
-    ) -> dict:
-        cached = cache is not None and cache.get_seq_length() > 0
-        inputs = {"cache": cache, "use_cache": kwargs.get("use_cache", True)}
-        if not cached:
-            if inputs_embeds is not None and is_first_iteration:
-                inputs["inputs_embeds"] = inputs_embeds
-            else:
-                inputs["input_ids"] = input_ids
-            inputs["attention_mask"] = glm_attention_mask if glm_attention_mask is not None else attention_mask
-            inputs["position_ids"] = glm_position_ids
-            return inputs
-        inputs["input_ids"] = input_ids[:, -1:]
-        if glm_position_ids is not None:
-            inputs["position_ids"] = glm_position_ids[..., -1:]
-        else:
-            inputs["position_ids"] = self._next_position_ids(input_ids, attention_mask)
-        if glm_attention_mask is not None:
-            inputs["attention_mask"] = glm_attention_mask[:, :, -1:]
-        else:
-            inputs["attention_mask"] = attention_mask
-        return inputs
-
-    def _update_model_kwargs_for_generation(
-        self, outputs, model_kwargs: dict, is_encoder_decoder: bool = False, num_new_tokens: int = 1
-    ) -> dict:
-        if "cache" in outputs:
-            model_kwargs["cache"] = outputs["cache"]
-        mask = model_kwargs.get("attention_mask")
-        if mask is not None:
-            model_kwargs["attention_mask"] = torch.cat((mask, mask.new_ones((mask.shape[0], num_new_tokens))), dim=-1)
-        mask = model_kwargs.get("glm_attention_mask")
-        if mask is not None:
-            # New columns: earlier tokens never see the new ones (True = blocked). New rows: a new token sees
-            # what the last one saw, plus itself and the new tokens before it.
-            mask = torch.cat((mask, mask.new_ones((*mask.shape[:3], num_new_tokens))), dim=3)
-            new_rows = mask[:, :, -1:].repeat(1, 1, num_new_tokens, 1)
-            new_rows[..., -num_new_tokens:] = torch.ones(
-                num_new_tokens, num_new_tokens, dtype=torch.bool, device=mask.device
-            ).triu(1)
-            model_kwargs["glm_attention_mask"] = torch.cat((mask, new_rows), dim=2)
-        positions = model_kwargs.get("glm_position_ids")
-        if positions is not None:
-            step = torch.arange(1, num_new_tokens + 1, device=positions.device)
-            last = positions[..., -1:]
-            if self.config.position_encoding_2d:
-                new = torch.stack((last[:, 0].expand(-1, num_new_tokens), last[:, 1] + step), dim=1)
-            else:
-                new = last + step
-            model_kwargs["glm_position_ids"] = torch.cat((positions, new), dim=-1)
-        return model_kwargs
-
-    @staticmethod
-    def process_response(response: str) -> str:
-        """Clean a chat answer as the original does: strip, and use full-width punctuation after Chinese."""
-        response = response.strip().replace("[[训练时间]]", "2023年")
-        for ascii_mark, full_width in ((",", "，"), ("!", "！"), (":", "："), (";", "；"), (r"\?", "？")):
-            response = re.sub(r"([\u4e00-\u9fff])%s" % ascii_mark, r"\1%s" % full_width, response)
-            response = re.sub(r"%s([\u4e00-\u9fff])" % ascii_mark, r"%s\1" % full_width, response)
-        return response
-
-    @staticmethod
-    def build_chat_prompt(query: str, history: list[tuple[str, str]] | None = None) -> str:
-        """The multi-round prompt of ChatGLM-6B: ``[Round i]\\n问：...\\n答：...``."""
-        if not history:
-            return query
-        prompt = "".join(f"[Round {i}]\n问：{q}\n答：{a}\n" for i, (q, a) in enumerate(history))
-        return prompt + f"[Round {len(history)}]\n问：{query}\n答："
-
-    def _chat_kwargs(self, tokenizer, max_length, do_sample, top_p, temperature, logits_processor, kwargs) -> dict:
-        processors = LogitsProcessorList(logits_processor or [])
-        processors.append(InvalidScoreLogitsProcessor(tokenizer.convert_tokens_to_ids("▁")))
-        return {"max_length": max_length, "do_sample": do_sample, "top_p": top_p, "temperature": temperature,
-                "logits_processor": processors, **kwargs}
-
-    @torch.no_grad()
-    def chat(
-        self,
-        tokenizer,
-        query: str,
-        history: list[tuple[str, str]] | None = None,
-        max_length: int = 2048,
-        num_beams: int = 1,
-        do_sample: bool = True,
-        top_p: float = 0.7,
-        temperature: float = 0.95,
-        logits_processor: LogitsProcessorList | None = None,
-        **kwargs,
-    ) -> tuple[str, list[tuple[str, str]]]:
-        """One chat turn: returns the answer and the updated history."""
-        history = list(history or [])
-        inputs = tokenizer([self.build_chat_prompt(query, history)], return_tensors="pt").to(self.device)
-        gen = self._chat_kwargs(tokenizer, max_length, do_sample, top_p, temperature, logits_processor, kwargs)
-        output = self.generate(**inputs, num_beams=num_beams, **gen)
-        response = self.process_response(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:].tolist()))
-        return response, history + [(query, response)]
-
-    @torch.no_grad()
-    def stream_chat(
-        self,
-        tokenizer,
-        query: str,
-        history: list[tuple[str, str]] | None = None,
-        max_length: int = 2048,
-        do_sample: bool = True,
-        top_p: float = 0.7,
-        temperature: float = 0.95,
-        logits_processor: LogitsProcessorList | None = None,
-        **kwargs,
-    ) -> Iterator[tuple[str, list[tuple[str, str]]]]:
-        """Like :meth:`chat`, but yields (answer so far, history) after every generated token."""
-        history = list(history or [])
-        inputs = tokenizer([self.build_chat_prompt(query, history)], return_tensors="pt").to(self.device)
-        gen = self._chat_kwargs(tokenizer, max_length, do_sample, top_p, temperature, logits_processor, kwargs)
-        streamer = _TokenQueue()
-        errors: list[BaseException] = []
-
-        def run() -> None:
-            try:
-                self.generate(**inputs, streamer=streamer, **gen)
-            except BaseException as error:  # surfaced in the consuming thread below
-                errors.append(error)
-                streamer.end()
-
-        worker = threading.Thread(target=run, daemon=True)
-        worker.start()
-        tokens: list[int] = []
-        eos = self.generation_config.eos_token_id
-        eos = set(eos if isinstance(eos, list) else [eos])
-        while (step := streamer.queue.get()) is not None:
-            if step[0] in eos:
-                continue
-            tokens.extend(step)
-            response = self.process_response(tokenizer.decode(tokens))
-            yield response, history + [(query, response)]
-        worker.join()
-        if errors:
-            raise errors[0]
 
     # ---- quantization and saving ------------------------------------------------------------------------------
 

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import chatglm
 from chatglm import ChatGLMConfig, ChatGLMForConditionalGeneration
 
 REPO = Path(__file__).resolve().parents[1]

@@ -8,7 +8,6 @@ from huggingface_hub.errors import StrictDataclassClassValidationError
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-import chatglm
 from chatglm import ChatGLMConfig, ChatGLMForConditionalGeneration, known_config
 from chatglm.configuration import known_config_dict
 from tests.conftest import glm_ids, random_model, tiny_config

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from chatglm.modeling import glm_blocked_mask, glm_position_ids
-from tests.conftest import EOS, PAD, glm_ids, random_model
+from chatglm.layout import glm_blocked_mask, glm_position_ids
+from tests.conftest import PAD, glm_ids, random_model
 
 
 def greedy_without_cache(model, ids: list[int], steps: int) -> list[int]:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from chatglm.modeling import glm_blocked_mask, glm_position_ids
+from chatglm.layout import glm_blocked_mask, glm_position_ids
 from tests.conftest import BOS, GMASK, MASK, PAD, glm_ids, random_model, tiny_config
 
 
@@ -72,3 +72,34 @@ def test_prefix_does_not_shift_positions():
     model(ids)
     hook.remove()
     assert torch.equal(seen["pos"], glm_position_ids(ids, model.config))
+
+
+def test_residual_scale_is_the_originals_for_any_depth():
+    """The original never passes num_layers to its blocks, so all use sqrt(2 * 28)."""
+    for layers in (2, 3):
+        model = random_model(num_layers=layers)
+        assert all(block.alpha == 56**0.5 for block in model.transformer.layers)
+
+
+def test_fused_projection_is_split_per_head():
+    """query_key_value output is [q|k|v] per head: with one token, attention returns that head's v slice."""
+    model = random_model()
+    attention = model.transformer.layers[0].attention
+    hidden = torch.randn(1, 1, 64)
+    heads, head_dim = attention.num_heads, attention.head_dim
+    qkv = attention.query_key_value(hidden).view(1, 1, heads, 3 * head_dim)
+    v = qkv[..., 2 * head_dim:].reshape(1, 1, heads * head_dim)
+    rotary = model.transformer.rotary_emb
+    cos, sin = rotary(torch.zeros(1, 2, 1, dtype=torch.long))
+    from chatglm.modeling import AttentionMask  # noqa: PLC0415
+
+    out, _ = attention(hidden, rotary, cos, sin, AttentionMask(None))
+    assert torch.allclose(out, attention.dense(v), atol=1e-6)
+
+
+def test_rotary_frequencies_are_rounded_to_fp16():
+    model = random_model()
+    inv_freq = model.transformer.rotary_emb.inv_freq
+    exact = 1.0 / (10000 ** (torch.arange(0, 8, 2, dtype=torch.float64) / 8))
+    assert torch.equal(inv_freq, exact.half().float())
+    assert not torch.equal(inv_freq.double(), exact)

@@ -94,7 +94,7 @@ def test_inputs_embeds_need_explicit_layout():
     embeds = model.get_input_embeddings()(IDS)
     with pytest.raises(ValueError, match="position_ids"):
         model(inputs_embeds=embeds)
-    from chatglm.modeling import glm_blocked_mask, glm_position_ids
+    from chatglm.layout import glm_blocked_mask, glm_position_ids
 
     out = model(inputs_embeds=embeds, position_ids=glm_position_ids(IDS, model.config),
                 attention_mask=glm_blocked_mask(IDS, model.config))
