@@ -1,0 +1,400 @@
+"""The three tasks of the course: their files, prompts, and ChatGLM's training layout.
+
+A row becomes ``prompt + text [gMASK] <sop> answer <eop>``; labels are -100 up to (not including) ``<sop>``,
+so the loss covers exactly the answer and its end token, as in the original course.
+
+Readers accept the public formats (SPO / doc2query JSON lines in both their ``text/answer`` and
+``instruction/input/output`` forms, FewCLUE TNEWS) and a user's own JSON lines with a field mapping. Bad input
+raises :class:`DataError` naming the file and line and what to fix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import urllib.request
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+IE_RELATIONS = ("性能故障", "部件故障", "组成", "检测工具")
+IGNORE_INDEX = -100
+
+
+class DataError(ValueError):
+    """A problem in a data file; the message names the file, the line and what to fix."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """One row: the input text, the training answer, and every acceptable reference for evaluation."""
+
+    text: str
+    answer: str
+    references: tuple[str, ...] = ()
+    where: str = ""  # "file:line", for messages
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return self.references or (self.answer,)
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    title: str
+    prompt: str
+    max_source_length: int  # prompt + text tokens
+    max_target_length: int  # answer tokens (before <eop>)
+    labels: tuple[str, ...] = field(default=())  # classification only
+
+
+# The IE and generation prompts are the original course's (the IE one holds a literal backslash-n).
+IE_PROMPT = (
+    '你现在是一个信息抽取模型，请你帮我抽取出关系内容为"性能故障", "部件故障", "组成"和 "检测工具"的相关三元组，'
+    '三元组内部用"_"连接，三元组之间用\\n分割。文本：'
+)
+GEN_PROMPT = "你现在是一个问题生成模型，请根据下面文档生成一个问题，文档："
+
+
+def cls_prompt(labels: Sequence[str]) -> str:
+    return f"你现在是一个新闻分类模型，请判断下面的新闻标题属于哪一类，类别有：{'、'.join(labels)}。新闻标题："
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading files
+# ----------------------------------------------------------------------------------------------------------
+
+
+def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[str, dict]]:
+    """Yield ("file:line", object) for every non-empty line; malformed lines raise :class:`DataError`."""
+    path = Path(path)
+    try:
+        handle = path.open(encoding="utf-8")
+    except OSError as error:
+        raise DataError(f"{path}: cannot read the file ({error.strerror or error})") from error
+    with handle:
+        try:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{number}"
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise DataError(f"{where}: not valid JSON ({error.msg} at column {error.colno}); "
+                                    "each line must be one JSON object") from error
+                if not isinstance(row, dict):
+                    raise DataError(f"{where}: expected a JSON object per line, got {type(row).__name__}")
+                yield where, row
+        except UnicodeDecodeError as error:
+            raise DataError(f"{path}: not UTF-8 text ({error.reason}); save the file as UTF-8") from error
+
+
+def _field(row: dict, name: str, where: str, kinds=(str,)):
+    if name not in row:
+        raise DataError(f"{where}: missing field {name!r} (fields present: {', '.join(row) or 'none'})")
+    value = row[name]
+    if not isinstance(value, kinds):
+        raise DataError(f"{where}: field {name!r} must be {' or '.join(k.__name__ for k in kinds)}, "
+                        f"got {type(value).__name__}")
+    return value
+
+
+def _text(value: str, name: str, where: str) -> str:
+    if not value.strip():
+        raise DataError(f"{where}: field {name!r} is empty")
+    return value
+
+
+def _check_triples(answer: str, where: str) -> None:
+    for line in answer.split("\n"):
+        parts = line.split("_")
+        if len(parts) < 3 or not all(p.strip() for p in (parts[0], parts[-1])):
+            raise DataError(f"{where}: answer line {line!r} is not a triple 'subject_relation_object'")
+        if not any(f"_{r}_" in line for r in IE_RELATIONS):
+            raise DataError(f"{where}: answer line {line!r} has no known relation ({', '.join(IE_RELATIONS)})")
+
+
+def read_labels(path: str | os.PathLike) -> dict[str, str]:
+    """TNEWS label file (JSON lines ``label``, ``label_desc``, ``label_zh``) -> {label id: Chinese name}.
+
+    Tolerates the stray spaces some published copies have in their keys (``" label_zh"``).
+    """
+    names = {}
+    for where, row in read_jsonl(path):
+        row = {str(k).strip(): v for k, v in row.items()}
+        missing = [k for k in ("label", "label_zh") if k not in row]
+        if missing:
+            raise DataError(f"{where}: label row lacks {', '.join(missing)}; expected label, label_desc, label_zh")
+        names[str(row["label"])] = str(row["label_zh"]).strip()
+        if row.get("label_desc"):
+            names[str(row["label_desc"]).strip()] = names[str(row["label"])]
+    return names
+
+
+CLS_LABELS = read_labels(DATA_DIR / "cls" / "labels.json")
+CLS_NAMES = tuple(dict.fromkeys(CLS_LABELS.values()))
+
+TASKS = {
+    "ie": Task("ie", "Information extraction (fault triples)", IE_PROMPT, 450, 300),
+    "gen": Task("gen", "Question generation from a document", GEN_PROMPT, 400, 64),
+    "cls": Task("cls", "News title classification (15 classes)", cls_prompt(CLS_NAMES), 120, 8, CLS_NAMES),
+}
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+def read_examples(
+    path: str | os.PathLike,
+    task: str,
+    text_field: str | None = None,
+    answer_field: str | None = None,
+    group_references: bool = False,
+) -> list[Example]:
+    """Read a JSON-lines file of ``task`` into examples.
+
+    Known layouts are detected per row: ``text``/``answer`` (SPO, doc2query), ``instruction``/``input``/``output``
+    (later releases of the same data; the instruction is dropped because the task adds its own prompt) and
+    TNEWS (``sentence``/``label``). ``text_field``/``answer_field`` map a user's own field names. An answer may be
+    a list (several references, e.g. all questions of a document); training uses each as its own example
+    unless ``group_references`` is set (evaluation), which keeps one example with every reference.
+    """
+    get_task(task)
+    examples: list[Example] = []
+    for where, row in read_jsonl(path):
+        if task == "cls" and answer_field is None:
+            text = _text(_field(row, text_field or "sentence", where), text_field or "sentence", where)
+            label = row.get("label_desc", row.get("label")) if "label" in row or "label_desc" in row else None
+            if label is None:
+                raise DataError(f"{where}: missing field 'label' (a TNEWS label id such as 102 or its label_desc)")
+            name = CLS_LABELS.get(str(label).strip(), str(label).strip() if str(label).strip() in CLS_NAMES else None)
+            if name is None:
+                raise DataError(f"{where}: unknown label {label!r}; expected one of the 15 TNEWS labels "
+                                f"(ids 100-116, e.g. 103 or news_sports) or their Chinese names")
+            examples.append(Example(text, name, (), where))
+            continue
+        if text_field is None and "text" not in row and "input" in row:
+            text_key, answer_key = "input", answer_field or "output"
+        else:
+            text_key, answer_key = text_field or "text", answer_field or "answer"
+        text = _text(_field(row, text_key, where), text_key, where)
+        answer = _field(row, answer_key, where, (str, list))
+        answers = [answer] if isinstance(answer, str) else answer
+        # For IE an empty answer is meaningful: the text holds no triple (the public data has such rows).
+        if not answers or not all(isinstance(a, str) and (a.strip() or task == "ie" and a == "") for a in answers):
+            raise DataError(f"{where}: field {answer_key!r} is empty; give the expected output text")
+        if task == "ie":
+            for one in answers:
+                if one:
+                    _check_triples(one, where)
+        if task == "cls":
+            unknown = [a for a in answers if a not in CLS_NAMES]
+            if unknown:
+                raise DataError(f"{where}: unknown label {unknown[0]!r}; expected one of {', '.join(CLS_NAMES)}")
+        if group_references:
+            examples.append(Example(text, answers[0], tuple(answers), where))
+        else:
+            examples.extend(Example(text, a, (), where) for a in answers)
+    if not examples:
+        raise DataError(f"{path}: no rows found; the file is empty")
+    return examples
+
+
+def group_by_text(examples: Sequence[Example]) -> list[Example]:
+    """Merge rows that share a text into one example with all their answers as references (evaluation)."""
+    grouped: dict[str, list[Example]] = {}
+    for example in examples:
+        grouped.setdefault(example.text, []).append(example)
+    return [
+        Example(text, rows[0].answer, tuple(dict.fromkeys(t for r in rows for t in r.targets)), rows[0].where)
+        for text, rows in grouped.items()
+    ]
+
+
+def bundled_path(task: str, split: str) -> Path:
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    return DATA_DIR / get_task(task).name / f"{split}.jsonl"
+
+
+def load_split(task: str, split: str, path: str | os.PathLike | None = None, limit: int | None = None) -> list[Example]:
+    """Examples of a task split: the bundled sample by default, or ``path`` (any supported layout).
+
+    Test splits are grouped by text so that each document keeps all its reference answers.
+    """
+    examples = read_examples(path or bundled_path(task, split), task)
+    if split == "test":
+        examples = group_by_text(examples)
+    return examples[:limit] if limit else examples
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Token layout
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _tokens_to_ids(tokenizer, text: str) -> list[int]:
+    return tokenizer.convert_tokens_to_ids(tokenizer.tokenize(text)) if text else []
+
+
+def prompt_ids(tokenizer, task: Task, text: str, max_source_length: int | None = None) -> list[int]:
+    """``prompt + text [gMASK] <sop>``: the model input for generation (and the start of a training row).
+
+    Prompt and text are tokenized separately (as the original course did); the text is cut so that both
+    together fit ``max_source_length`` tokens.
+    """
+    limit = max_source_length or task.max_source_length
+    prompt = _tokens_to_ids(tokenizer, task.prompt)
+    source = _tokens_to_ids(tokenizer, text)[: max(limit - len(prompt), 0)]
+    return prompt + source + [tokenizer.gmask_token_id, tokenizer.bos_token_id]
+
+
+def encode_example(
+    tokenizer,
+    task: Task,
+    example: Example,
+    max_source_length: int | None = None,
+    max_target_length: int | None = None,
+) -> dict[str, list[int]]:
+    """``input_ids`` and ``labels`` of one training row (labels -100 before ``<sop>``)."""
+    source = prompt_ids(tokenizer, task, example.text, max_source_length)
+    answer = _tokens_to_ids(tokenizer, example.answer)[: max_target_length or task.max_target_length]
+    input_ids = source + answer + [tokenizer.eos_token_id]
+    context = len(source) - 1  # index of <sop>
+    labels = [IGNORE_INDEX] * context + input_ids[context:]
+    return {"input_ids": input_ids, "labels": labels}
+
+
+class EncodedDataset(torch.utils.data.Dataset):
+    """Training rows encoded once up front."""
+
+    def __init__(self, tokenizer, task: str | Task, examples: Sequence[Example], **lengths) -> None:
+        self.task = get_task(task) if isinstance(task, str) else task
+        self.rows = [encode_example(tokenizer, self.task, e, **lengths) for e in examples]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, list[int]]:
+        return self.rows[index]
+
+
+@dataclass
+class Collator:
+    """Right-pads ``input_ids`` with the tokenizer's pad id and ``labels`` with -100.
+
+    No attention mask is needed: with right padding, ChatGLM's own layout (from [gMASK]/<sop>) keeps every
+    real token blind to the padding after it, exactly as if each row ran alone.
+    """
+
+    pad_token_id: int
+
+    def __call__(self, rows: Sequence[dict]) -> dict[str, torch.Tensor]:
+        length = max(len(r["input_ids"]) for r in rows)
+        ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, : len(row["input_ids"])] = torch.tensor(row["input_ids"])
+            labels[i, : len(row["labels"])] = torch.tensor(row["labels"])
+        return {"input_ids": ids, "labels": labels}
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Left-padded ``input_ids`` and the HF ``attention_mask`` (1 = token) for batched generation."""
+    length = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), length), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        if seq:
+            ids[i, length - len(seq):] = torch.tensor(list(seq))
+            mask[i, length - len(seq):] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public datasets
+# ----------------------------------------------------------------------------------------------------------
+
+REGISTRY_FILE = DATA_DIR / "registry.json"
+
+
+def registry() -> dict:
+    """The full public datasets the course knows: name -> task, source, and per split url/sha256/rows."""
+    return json.loads(REGISTRY_FILE.read_text(encoding="utf-8"))
+
+
+def dataset_cache_dir() -> Path:
+    root = os.environ.get("CHATGLM_COURSE_CACHE") or Path.home() / ".cache" / "chatglm-course"
+    return Path(root) / "datasets"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _verify(path: Path, spec: dict, name: str, where: str) -> None:
+    """The file must be what the course was tested with: same sha256 when known, else same row count."""
+    hint = f"call download({name!r}, verify=False) to use it anyway"
+    if spec.get("sha256"):
+        if _sha256(path) != spec["sha256"]:
+            raise DataError(f"{where}: differs from the file this course was tested with (sha256 "
+                            f"{spec['sha256'][:12]}...); {hint}")
+        return
+    with path.open(encoding="utf-8", errors="replace") as handle:
+        rows = sum(1 for line in handle if line.strip())
+    if rows != spec["rows"]:
+        raise DataError(f"{where}: has {rows} rows, the course was tested with {spec['rows']}; {hint}")
+
+
+def download(name: str, folder: str | os.PathLike | None = None, verify: bool = True) -> dict[str, Path]:
+    """Fetch a public dataset of the registry (with a progress bar) and return {split: local path}.
+
+    Files are written to a temporary name and moved into place only when complete and checked (sha256 when
+    ``verify``), so an interrupted download never leaves a half-written file. Already present files are
+    checked and reused.
+    """
+    from tqdm.auto import tqdm
+
+    entries = registry()
+    if name not in entries:
+        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(entries)}")
+    target = Path(folder) if folder else dataset_cache_dir() / name
+    target.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for split, spec in entries[name]["files"].items():
+        path = target / spec["filename"]
+        if not path.exists():
+            fd, tmp = tempfile.mkstemp(dir=target, prefix=".download-")
+            os.close(fd)
+            try:
+                with urllib.request.urlopen(spec["url"], timeout=60) as response, open(tmp, "wb") as out:
+                    total = int(response.headers.get("Content-Length") or 0) or None
+                    with tqdm(total=total, unit="B", unit_scale=True, desc=f"{name}/{spec['filename']}") as bar:
+                        while block := response.read(1 << 16):
+                            out.write(block)
+                            bar.update(len(block))
+                if verify:
+                    _verify(Path(tmp), spec, name, spec["url"])
+                shutil.move(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+        elif verify:
+            _verify(path, spec, name, str(path))
+        paths[split] = path
+    return paths
