@@ -65,7 +65,7 @@ class ChatGLMConfig(PreTrainedConfig):
             raise ValueError(f"pre_seq_len must be a positive integer or None, got {self.pre_seq_len}")
 
 
-_AUTO_MAP = {
+MODEL_AUTO_MAP = {
     "AutoConfig": "configuration_chatglm.ChatGLMConfig",
     "AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration",
     "AutoModelForSeq2SeqLM": "modeling_chatglm.ChatGLMForConditionalGeneration",
@@ -74,7 +74,7 @@ _AUTO_MAP = {
 # The config.json files of the public checkpoints (v1.1 vocabulary layout), as published.
 _CHATGLM_6B = {
     "architectures": ["ChatGLMModel"],
-    "auto_map": _AUTO_MAP,
+    "auto_map": MODEL_AUTO_MAP,
     "bos_token_id": 130004,
     "eos_token_id": 130005,
     "mask_token_id": 130000,

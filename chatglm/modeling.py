@@ -324,8 +324,8 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         self.config.pre_seq_len, self.config.prefix_projection = pre_seq_len, prefix_projection
         for param in self.parameters():
             param.requires_grad_(False)
-        device = self.word_embeddings.weight.device
-        self.prefix_encoder = PrefixEncoder(self.config).to(device=device, dtype=torch.float32)
+        with torch.device(self.word_embeddings.weight.device):  # built in place (no memory on "meta")
+            self.prefix_encoder = PrefixEncoder(self.config).float()
         self.prefix_encoder.apply(self._init_weights)
         self.prefix_dropout = nn.Dropout(PREFIX_DROPOUT)
         return self.prefix_encoder

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+from .paths import DATA_DIR, cache_root
+
 IE_RELATIONS = ("性能故障", "部件故障", "组成", "检测工具")
 IGNORE_INDEX = -100
 
@@ -335,8 +336,7 @@ def registry() -> dict:
 
 
 def dataset_cache_dir() -> Path:
-    root = os.environ.get("CHATGLM_COURSE_CACHE") or Path.home() / ".cache" / "chatglm-course"
-    return Path(root) / "datasets"
+    return cache_root() / "datasets"
 
 
 def _sha256(path: Path) -> str:

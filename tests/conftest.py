@@ -61,3 +61,46 @@ def require_shared(path: Path) -> Path:
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(f"{path} is missing; CI must provide the shared public files")
     pytest.skip(f"{path} not present on this machine")
+
+
+@pytest.fixture(scope="session")
+def small_tokenizer(tmp_path_factory):
+    """A ChatGLM tokenizer over a small vocabulary trained from the bundled corpus (same special pieces)."""
+    from chatglm import ChatGLMTokenizer
+    from chatglm.vocab import train_compatible_vocab, write_tokenizer_files
+
+    folder = tmp_path_factory.mktemp("small_vocab")
+    lines = (REPO / "data" / "corpus" / "pretrain.txt").read_text(encoding="utf-8").splitlines()[:200]
+    model_file = train_compatible_vocab(lines, folder / "ice_text.model", vocab_size=2000, seed=0)
+    write_tokenizer_files(model_file, folder)
+    return ChatGLMTokenizer.from_pretrained(folder)
+
+
+def model_for(tokenizer, seed: int = 0, bits: int = 0, **overrides) -> ChatGLMForConditionalGeneration:
+    """A tiny random model whose vocabulary and special ids are those of ``tokenizer``."""
+    ids = dict(
+        vocab_size=len(tokenizer.get_vocab()),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        mask_token_id=tokenizer.mask_token_id,
+        gmask_token_id=tokenizer.gmask_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return random_model(seed=seed, bits=bits, **{**ids, **overrides})
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A fast-recipe tiny model written in the public INT4 layout (same build code as the embedded default)."""
+    from helpers.tiny import build_tiny
+
+    folder = tmp_path_factory.mktemp("tiny") / "model"
+    build_tiny(folder, fast_tiny_recipe(), progress=False)
+    return folder
+
+
+def fast_tiny_recipe():
+    from helpers.tiny import TinyRecipe
+
+    return TinyRecipe(steps=8, hidden_size=64, num_layers=2, num_attention_heads=4, inner_hidden_size=128,
+                      batch_size=4, vocab_size=3000)

@@ -1,0 +1,365 @@
+"""Read run folders and compare them: loss curves side by side, a table, and bars of cost and quality.
+
+A run folder (``runs/<name>/``) holds ``run.json`` (what was trained and what it cost), ``loss_history.jsonl``
+(one line per logging step) and, once evaluated, ``metrics.json``. Figures are returned, not shown, so a
+notebook displays one by leaving it as the last expression of a cell (or with ``display(fig)``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .files import read_history
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+METHOD_ORDER = ("freeze", "embedding", "ptuning_v2", "lora")
+METHOD_COLORS = {"freeze": "#1f77b4", "embedding": "#ff7f0e", "ptuning_v2": "#2ca02c", "lora": "#d62728"}
+OTHER_COLORS = ("#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
+KEY_METRICS = {
+    "ie": ("f1", "precision", "recall", "sample_f1", "char_f1"),
+    "gen": ("bleu", "rouge_l", "distinct_1", "distinct_2", "duplicate_rate"),
+    "cls": ("accuracy", "macro_f1", "invalid_rate", "rank_accuracy", "rank_macro_f1"),
+}
+MIB = 1 << 20
+
+
+@dataclass
+class Run:
+    """One run folder: its ``run.json``, loss history and (possibly empty) evaluation metrics."""
+
+    path: Path
+    info: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return str(self.info.get("name") or self.path.name)
+
+    @property
+    def method(self) -> str:
+        return str(self.info.get("method", "unknown"))
+
+    @property
+    def task(self) -> str:
+        return str(self.info.get("task", self.metrics.get("task", "")))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error.msg} at line {error.lineno}); "
+                         "rewrite the file or remove the run folder") from error
+
+
+def load_run(path: str | os.PathLike) -> Run:
+    """Read one run folder (it must hold ``run.json``)."""
+    path = Path(path)
+    if not (path / "run.json").is_file():
+        raise FileNotFoundError(f"{path} has no run.json; is it a run folder (runs/<name>/)?")
+    metrics_file = path / "metrics.json"
+    return Run(
+        path=path,
+        info=_read_json(path / "run.json"),
+        history=read_history(path / "loss_history.jsonl"),
+        metrics=_read_json(metrics_file) if metrics_file.is_file() else {},
+    )
+
+
+def _method_rank(run: Run) -> tuple[int, str]:
+    return (METHOD_ORDER.index(run.method) if run.method in METHOD_ORDER else len(METHOD_ORDER)), run.name
+
+
+def load_runs(*paths: str | os.PathLike) -> list[Run]:
+    """Runs found at ``paths`` (run folders, or folders of run folders), ordered freeze, embedding, ptuning_v2, lora.
+
+    Folders without ``run.json`` are skipped; other methods follow the four, by name.
+    """
+    folders: list[Path] = []
+    for path in paths:
+        path = Path(path)
+        if (path / "run.json").is_file():
+            folders.append(path)
+        elif path.is_dir():
+            folders.extend(child for child in sorted(path.iterdir()) if (child / "run.json").is_file())
+    unique = list(dict.fromkeys(folder.resolve() for folder in folders))
+    return sorted((load_run(folder) for folder in unique), key=_method_rank)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Curves
+# ----------------------------------------------------------------------------------------------------------
+
+
+def smooth(values: Sequence[float], weight: float = 0.9) -> list[float]:
+    """TensorBoard's smoothing: an exponential moving average, debiased so it starts at the first value."""
+    smoothed, last, steps = [], 0.0, 0
+    for value in values:
+        if not math.isfinite(value):
+            smoothed.append(value)
+            continue
+        steps += 1
+        last = last * weight + (1 - weight) * value
+        smoothed.append(last / (1 - weight**steps) if weight < 1 else value)
+    return smoothed
+
+
+def method_color(method: str, index: int = 0) -> str:
+    """The fixed color of a method (another method gets one of the spare colors)."""
+    return METHOD_COLORS.get(method, OTHER_COLORS[index % len(OTHER_COLORS)])
+
+
+def run_labels(runs: Sequence[Run]) -> list[str]:
+    """Labels for runs: the method, plus the run name where several runs share a method."""
+    counts = Counter(run.method for run in runs)
+    return [run.method if counts[run.method] == 1 else f"{run.method} ({run.name})" for run in runs]
+
+
+def _colors(runs: Sequence[Run]) -> list[str]:
+    others = list(dict.fromkeys(run.method for run in runs if run.method not in METHOD_COLORS))
+    return [method_color(run.method, others.index(run.method) if run.method in others else 0) for run in runs]
+
+
+def _new_figure(rows: int, cols: int, size: tuple[float, float]):
+    """A figure detached from pyplot: nothing pops up or piles up, and it still displays inline in Jupyter."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(rows, cols, figsize=size, squeeze=False)
+    plt.close(fig)
+    return fig, axes
+
+
+def plot_loss_curves(
+    runs: Sequence[Run], ax: Axes | None = None, smooth_weight: float = 0.9, title: str | None = None
+) -> Figure:
+    """Training loss against step for every run: faint raw curve, solid smoothed curve, one color per method."""
+    if ax is None:
+        fig, axes = _new_figure(1, 1, (7, 4.5))
+        ax = axes[0, 0]
+    drawn = False
+    for run, label, color in zip(runs, run_labels(runs), _colors(runs)):
+        points = [(row["step"], row["loss"]) for row in run.history
+                  if isinstance(row.get("loss"), (int, float)) and "step" in row]
+        if not points:
+            continue
+        steps, losses = zip(*points)
+        ax.plot(steps, losses, color=color, alpha=0.25, linewidth=1)
+        ax.plot(steps, smooth(losses, smooth_weight), color=color, linewidth=2, label=label)
+        drawn = True
+    if drawn:
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, "no loss history yet", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title(title or "Training loss (smoothed; raw curve faint)")
+    ax.grid(alpha=0.3)
+    return ax.figure
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tables
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def comparison_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
+    """One row per run: what was trained, its main and key metrics, and what it cost (missing values are None)."""
+    rows = []
+    for run in runs:
+        info, metrics = run.info, run.metrics
+        main = metrics.get("main_metric")
+        row: dict[str, Any] = {
+            "name": run.name, "method": run.method, "task": run.task, "status": info.get("status"),
+            "main_metric": main, "main_value": _number(metrics.get(main)) if main else None,
+        }
+        for key in KEY_METRICS.get(run.task, ()):
+            if key in metrics:
+                row[key] = _number(metrics[key])
+        for key in ("perplexity_before", "perplexity_after"):
+            if key in metrics:
+                row[key] = _number(metrics[key])
+        trainable, total = info.get("trainable_params"), info.get("all_params")
+        peak = _number(info.get("peak_memory_bytes"))
+        losses = [row_["loss"] for row_ in run.history if _number(row_.get("loss")) is not None]
+        final_loss = _number(info.get("final_loss"))
+        row.update(
+            trainable_params=trainable,
+            trainable_pct=100 * trainable / total if trainable is not None and total else None,
+            peak_memory_mb=peak / MIB if peak is not None else None,
+            train_runtime_s=_number(info.get("train_runtime_s")),
+            final_loss=final_loss if final_loss is not None else (float(losses[-1]) if losses else None),
+        )
+        rows.append(row)
+    return rows
+
+
+DIGITS = {"trainable_pct": 4, "peak_memory_mb": 1, "train_runtime_s": 1, "perplexity_before": 2,
+          "perplexity_after": 2}
+
+
+def _cell(key: str, value: Any) -> str:
+    if value is None or value == "":
+        return "–"
+    if isinstance(value, bool) or isinstance(value, str):
+        return str(value).replace("|", "\\|")
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        return f"{value:,.{DIGITS.get(key, 4)}f}"
+    return str(value)
+
+
+HEADERS = {"trainable_params": "trainable params", "trainable_pct": "trainable %", "peak_memory_mb": "peak MB",
+           "train_runtime_s": "train s", "final_loss": "final loss"}
+
+
+def comparison_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """The rows as a compact Markdown table: method, task metrics, forgetting, and what training cost."""
+    if not rows:
+        return "_no runs found_\n"
+    metric_keys = list(dict.fromkeys(k for row in rows for k in KEY_METRICS.get(row.get("task"), ()) if k in row))
+    show_name = len({row["method"] for row in rows}) < len(rows) or any(r["name"] != r["method"] for r in rows)
+    columns = ["name"] * show_name + ["method", *metric_keys, "perplexity", *HEADERS]
+    lines = ["| " + " | ".join(HEADERS.get(c, c) for c in columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    for row in rows:
+        cells = []
+        for key in columns:
+            if key == "perplexity":
+                before, after = row.get("perplexity_before"), row.get("perplexity_after")
+                cells.append(f"{before:.1f} → {after:.1f}" if before is not None and after is not None else "–")
+            else:
+                cells.append(_cell(key, row.get(key)))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The comparison figure
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _short(value: float) -> str:
+    """A compact bar label: 1.2B, 3.4M, 5.6k, 0.523."""
+    for limit, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= limit:
+            return f"{value / limit:.3g}{suffix}"
+    return f"{value:.3g}"
+
+
+def _bars(
+    ax: Axes, runs: Sequence[Run], values: Sequence[float | None], title: str, ylabel: str, log: bool = False
+) -> None:
+    """One bar per run that has a value; a note in the panel when none has."""
+    kept = [(label, color, value) for label, color, value in zip(run_labels(runs), _colors(runs), values)
+            if value is not None]
+    ax.set_title(title)
+    if not kept:
+        ax.text(0.5, 0.5, "not available yet", ha="center", va="center", transform=ax.transAxes)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        return
+    labels, colors, heights = zip(*kept)
+    bars = ax.bar(range(len(kept)), heights, color=colors)
+    ax.bar_label(bars, labels=[_short(h) for h in heights], fontsize=8)
+    ax.set_xticks(range(len(kept)), labels, rotation=20, ha="right")
+    ax.set_ylabel(ylabel)
+    if log:
+        ax.set_yscale("log")
+    ax.grid(axis="y", alpha=0.3)
+
+
+HEADLINE_METRICS = {"ie": ("f1", "char_f1"), "gen": ("rouge_l", "bleu"), "cls": ("accuracy", "rank_accuracy")}
+
+
+def _grouped_bars(ax: Axes, runs: Sequence[Run], keys: Sequence[str], title: str, ylabel: str, empty: str) -> None:
+    """Side-by-side bars of several ``metrics.json`` keys per run (grey shades, one per key)."""
+    kept = [(label, run.metrics) for label, run in zip(run_labels(runs), runs) if any(k in run.metrics for k in keys)]
+    ax.set_title(title)
+    if not kept:
+        ax.axis("off")
+        ax.text(0.5, 0.5, empty, ha="center", va="center", transform=ax.transAxes)
+        return
+    width = 0.8 / len(keys)
+    shades = ("#9e9e9e", "#404040", "#cfcfcf")
+    for index, key in enumerate(keys):
+        offset = (index - (len(keys) - 1) / 2) * width
+        heights = [_number(metrics.get(key)) or 0.0 for _, metrics in kept]
+        bars = ax.bar([p + offset for p in range(len(kept))], heights, width, color=shades[index % 3], label=key)
+        ax.bar_label(bars, labels=[_short(h) for h in heights], fontsize=7)
+    ax.set_xticks(range(len(kept)), [label for label, _ in kept], rotation=20, ha="right")
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def _perplexity_panel(ax: Axes, runs: Sequence[Run]) -> None:
+    _grouped_bars(ax, runs, ("perplexity_before", "perplexity_after"), "Forgetting: held-out perplexity",
+                  "perplexity (lower is better)", "No forgetting check yet:\nadd perplexity_before / perplexity_after\n"
+                  "(held-out text) to metrics.json")
+
+
+def _memory_panel(ax: Axes, runs: Sequence[Run], rows: Sequence[dict]) -> None:
+    """Peak memory per run, with the part already in use when training started drawn lighter."""
+    kinds = sorted({str(run.info.get("peak_memory_kind")) for run in runs if run.info.get("peak_memory_kind")})
+    _bars(ax, runs, [row["peak_memory_mb"] for row in rows], "Peak memory while training (light: at start)",
+          f"MiB ({', '.join(kinds)})" if kinds else "MiB")
+    starts = [(i, _number(run.info.get("memory_at_start_bytes"))) for i, run in enumerate(runs)
+              if _number(run.info.get("peak_memory_bytes")) is not None]
+    for position, (_, start) in enumerate(starts):
+        if start is not None:
+            ax.bar(position, start / MIB, color="white", alpha=0.45, width=0.8)
+
+
+def plot_comparison(runs: Sequence[Run], path: str | os.PathLike | None = None) -> Figure:
+    """Six panels: loss curves, task metrics, trainable parameters, peak memory, training time, forgetting."""
+    fig, axes = _new_figure(2, 3, (17, 9.5))
+    rows = comparison_rows(runs)
+    plot_loss_curves(runs, ax=axes[0, 0])
+    tasks = sorted({run.task for run in runs if run.task})
+    headline = tuple(dict.fromkeys(k for task in tasks for k in HEADLINE_METRICS.get(task, ())))
+    _grouped_bars(axes[0, 1], runs, headline or ("accuracy",), f"Task metrics ({', '.join(headline) or '–'})",
+                  "score (higher is better)", "not evaluated yet")
+    _bars(axes[0, 2], runs, [row["trainable_params"] for row in rows], "Trainable parameters", "parameters (log)",
+          log=True)
+    _memory_panel(axes[1, 0], runs, rows)
+    _bars(axes[1, 1], runs, [row["train_runtime_s"] for row in rows], "Training time", "seconds")
+    _perplexity_panel(axes[1, 2], runs)
+    fig.suptitle(f"Fine-tuning methods compared{' on ' + ', '.join(tasks) if tasks else ''}", fontsize=14)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig
+
+
+def write_comparison(runs: Sequence[Run], out_dir: str | os.PathLike) -> dict[str, Path]:
+    """Write ``comparison.png``, ``comparison.md`` and ``comparison.json`` (the rows) into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = comparison_rows(runs)
+    paths = {"png": out / "comparison.png", "md": out / "comparison.md", "json": out / "comparison.json"}
+    plot_comparison(runs, paths["png"])
+    paths["md"].write_text(comparison_markdown(rows), encoding="utf-8")
+    paths["json"].write_text(json.dumps(rows, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    return paths

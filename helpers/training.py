@@ -1,0 +1,360 @@
+"""Training on ``transformers.Trainer`` (so ``torchrun``, ``accelerate launch`` and DeepSpeed work unchanged).
+
+A run writes ``runs/<name>/``:
+
+* ``run.json``: method, task, model, hyper-parameters, versions, seed, parameter counts, time, peak memory;
+* ``loss_history.jsonl`` and ``loss_history.csv``: one line per logged step, appended as training goes;
+* ``tb/``: TensorBoard events;
+* ``artifact/``: only what the method changed — a peft LoRA adapter, or the trained tensors in safetensors
+  (prefix encoder, LayerNorms, embeddings, dequantized layers) plus ``method.json`` — never the base model;
+* ``checkpoints/checkpoint-<step>/``: the same small artifact plus optimizer/scheduler/RNG state, so an
+  interrupted run resumes exactly where it stopped (``train(..., resume=True)``, the default).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.integrations import TensorBoardCallback
+from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_utils import get_last_checkpoint
+
+from .data import Collator
+from .files import read_history, write_json
+from .methods import MethodSetup, apply_method
+
+ARTIFACT = "artifact"
+TRAINABLE_FILE = "trainable.safetensors"
+METHOD_FILE = "method.json"
+HISTORY_FIELDS = ("step", "epoch", "loss", "learning_rate", "grad_norm", "elapsed_s")
+
+
+@dataclass
+class TrainingConfig:
+    """Hyper-parameters of a run (sizes are per device; the effective batch is ``batch_size * accumulation * devices``)."""
+
+    max_steps: int = 100
+    batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    lr_scheduler_type: str = "linear"
+    max_grad_norm: float = 1.0
+    logging_steps: int = 1
+    save_steps: int = 50
+    save_total_limit: int = 2
+    seed: int = 42
+    gradient_checkpointing: bool = False
+    mixed_precision: str = "auto"  # "auto": bf16 on GPUs that have it, else fp16 on GPU; fp32 on CPU
+    dataloader_num_workers: int = 0
+    progress: bool = True
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    info: dict
+    history: list[dict] = field(default_factory=list)
+
+    @property
+    def final_loss(self) -> float | None:
+        return self.history[-1]["loss"] if self.history else None
+
+
+def _versions() -> dict:
+    import peft
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__}
+
+
+def _mixed_precision(choice: str, model: nn.Module) -> dict:
+    device = next(model.parameters()).device
+    if choice == "auto":
+        if device.type != "cuda":
+            return {}
+        return {"bf16": True} if torch.cuda.is_bf16_supported() else {"fp16": True}
+    return {"no": {}, "fp32": {}, "bf16": {"bf16": True}, "fp16": {"fp16": True}}[choice]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Artifacts: only what the method trained
+# ----------------------------------------------------------------------------------------------------------
+
+
+def save_artifact(model: nn.Module, folder: str | os.PathLike, method: str, options: dict) -> Path:
+    """Write the trained part of ``model`` to ``folder``: a peft adapter, or the trainable tensors."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if isinstance(model, PeftModel):
+        model.save_pretrained(folder)
+    else:
+        tensors = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        tmp = folder / (TRAINABLE_FILE + ".tmp")
+        save_file(tensors, tmp, metadata={"method": method})
+        os.replace(tmp, folder / TRAINABLE_FILE)
+    write_json(folder / METHOD_FILE, {"method": method, "options": options})
+    return folder
+
+
+def load_artifact(model: nn.Module, folder: str | os.PathLike) -> None:
+    """Load trained tensors saved by :func:`save_artifact` into ``model`` (already prepared for the method)."""
+    folder = Path(folder)
+    if isinstance(model, PeftModel):
+        from peft import set_peft_model_state_dict
+        from peft.utils import load_peft_weights
+
+        set_peft_model_state_dict(model, load_peft_weights(str(folder)))
+        return
+    tensors = load_file(folder / TRAINABLE_FILE)
+    params = dict(model.named_parameters())
+    unknown = sorted(set(tensors) - set(params))
+    if unknown:
+        raise ValueError(f"{folder / TRAINABLE_FILE}: tensors {unknown[:3]} do not belong to this model; "
+                         "was it trained with another method or base model?")
+    with torch.no_grad():
+        for name, value in tensors.items():
+            params[name].copy_(value.to(params[name].dtype))
+
+
+class CourseTrainer(Trainer):
+    """A ``Trainer`` whose checkpoints hold only the trained tensors (small even for the 6B model)."""
+
+    def __init__(self, *args, method: str = "custom", method_options: dict | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.method = method
+        self.method_options = method_options or {}
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if self.args.should_save:
+            save_artifact(self.accelerator.unwrap_model(self.model), output_dir or self.args.output_dir,
+                          self.method, self.method_options)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        load_artifact(self.accelerator.unwrap_model(model or self.model), resume_from_checkpoint)
+
+
+class HistoryCallback(TrainerCallback):
+    """Appends every logged training loss to ``loss_history.jsonl``/``.csv`` as it happens."""
+
+    def __init__(self, run_dir: Path, resumed_step: int = 0) -> None:
+        self.jsonl, self.csv = run_dir / "loss_history.jsonl", run_dir / "loss_history.csv"
+        self.started = time.time()
+        self.offset = 0.0
+        self._truncate(resumed_step)
+
+    def _truncate(self, step: int) -> None:
+        """Keep only the lines up to ``step`` (a resumed run repeats what came after its checkpoint)."""
+        kept = [row for row in read_history(self.jsonl) if row["step"] <= step] if step else []
+        self.offset = kept[-1]["elapsed_s"] if kept else 0.0
+        with self.jsonl.open("w", encoding="utf-8") as out:
+            out.writelines(json.dumps(row) + "\n" for row in kept)
+        with self.csv.open("w", encoding="utf-8", newline="") as out:
+            writer = csv.DictWriter(out, fieldnames=HISTORY_FIELDS)
+            writer.writeheader()
+            writer.writerows(kept)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs or "loss" not in logs:
+            return
+        row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), "loss": float(logs["loss"]),
+               "learning_rate": logs.get("learning_rate"), "grad_norm": logs.get("grad_norm"),
+               "elapsed_s": round(self.offset + time.time() - self.started, 3)}
+        with self.jsonl.open("a", encoding="utf-8") as out:
+            out.write(json.dumps(row) + "\n")
+        with self.csv.open("a", encoding="utf-8", newline="") as out:
+            csv.DictWriter(out, fieldnames=HISTORY_FIELDS).writerow(row)
+
+
+class LossBar(ProgressCallback):
+    """The usual progress bar, showing the latest loss on the bar instead of printing a line per step."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and self.training_bar is not None and logs and "loss" in logs:
+            self.training_bar.set_postfix(loss=f"{float(logs['loss']):.4f}", refresh=False)
+
+
+def _reset_peak_memory(device: torch.device) -> None:
+    """Start measuring peak memory here (CUDA allocator, or the process's peak RSS on Linux)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, the peak resident set size
+    except OSError:
+        pass  # elsewhere the process-wide peak is reported
+
+
+def _current_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _peak_memory(device: torch.device) -> tuple[int, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "cuda"
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024, "rss"
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "rss"
+
+
+def train(
+    model: nn.Module | MethodSetup,
+    tokenizer,
+    dataset,
+    out_dir: str | os.PathLike,
+    task: str | None = None,
+    resume: bool = True,
+    callbacks: list[TrainerCallback] | None = None,
+    **hyperparameters,
+) -> TrainResult:
+    """Train ``model`` (ideally a :class:`MethodSetup` from ``helpers.methods``) on ``dataset``; write ``out_dir``.
+
+    ``hyperparameters`` are :class:`TrainingConfig` fields. With ``resume`` an earlier, interrupted run in the
+    same folder continues from its last checkpoint (same loss sequence as an uninterrupted run).
+    """
+    setup = model if isinstance(model, MethodSetup) else MethodSetup(model, "custom")
+    model = setup.model
+    unknown = set(hyperparameters) - {f.name for f in TrainingConfig.__dataclass_fields__.values()}
+    if unknown:
+        raise TypeError(f"unknown training option(s): {', '.join(sorted(unknown))}")
+    config = TrainingConfig(**hyperparameters)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("nothing to train: apply a method (helpers.freeze/embedding/ptuning_v2/lora) first")
+    run_dir = Path(out_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint_dir = run_dir / "checkpoints"
+    last = get_last_checkpoint(str(checkpoint_dir)) if resume and checkpoint_dir.is_dir() else None
+    resumed_step = int(last.rsplit("-", 1)[-1]) if last else 0
+
+    device = next(model.parameters()).device
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    info = {
+        "name": run_dir.name,
+        "method": setup.method,
+        "method_options": setup.options,
+        "task": task,
+        "model": getattr(base.config, "name_or_path", None) or getattr(base, "name_or_path", None),
+        "quantization_bit": getattr(base.config, "quantization_bit", 0),
+        "device": str(device),
+        "dtype": str(next(base.parameters()).dtype).replace("torch.", ""),
+        "hyperparameters": asdict(config),
+        "seed": config.seed,
+        "versions": _versions(),
+        "trainable_params": setup.trainable_params,
+        "all_params": setup.all_params,
+        "train_examples": len(dataset),
+        "status": "running",
+        "resumed_from_step": resumed_step,
+    }
+    write_json(run_dir / "run.json", info)
+
+    args = TrainingArguments(
+        output_dir=str(checkpoint_dir),
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        learning_rate=config.learning_rate,
+        weight_decay=config.weight_decay,
+        warmup_steps=config.warmup_steps,
+        lr_scheduler_type=config.lr_scheduler_type,
+        max_grad_norm=config.max_grad_norm,
+        logging_steps=config.logging_steps,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit,
+        seed=config.seed,
+        activation_checkpointing=config.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
+        dataloader_num_workers=config.dataloader_num_workers,
+        disable_tqdm=not config.progress,
+        report_to="none",
+        remove_unused_columns=False,
+        label_names=["labels"],
+        use_cpu=device.type == "cpu",
+        **_mixed_precision(config.mixed_precision, model),
+    )
+    from torch.utils.tensorboard import SummaryWriter
+
+    tensorboard = TensorBoardCallback(SummaryWriter(log_dir=str(run_dir / "tb")))
+    trainer = CourseTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=Collator(tokenizer.pad_token_id),
+        callbacks=[HistoryCallback(run_dir, resumed_step), tensorboard, *(callbacks or [])],
+        method=setup.method,
+        method_options=setup.options,
+    )
+    if config.progress:
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(LossBar())
+    _reset_peak_memory(device)
+    at_start = _current_memory(device)
+    started = time.time()
+    output = trainer.train(resume_from_checkpoint=last)  # the TensorBoard callback closes its writer at the end
+    model.eval()
+
+    save_artifact(model, run_dir / ARTIFACT, setup.method, setup.options)
+    history = read_history(run_dir / "loss_history.jsonl")
+    peak, kind = _peak_memory(device)
+    info.update(
+        status="finished",
+        global_step=output.global_step,
+        train_runtime_s=round(time.time() - started, 2),
+        peak_memory_bytes=int(peak),
+        peak_memory_kind=kind,
+        memory_at_start_bytes=int(at_start),
+        final_loss=history[-1]["loss"] if history else None,
+    )
+    write_json(run_dir / "run.json", info)
+    return TrainResult(run_dir, info, history)
+
+
+def load_finetuned(run_dir: str | os.PathLike, device: torch.device | str | None = None,
+                   dtype: torch.dtype | str | None = None):
+    """(model, tokenizer) rebuilt from a run folder: its base model, its method, and its small artifact."""
+    from .models import load_model
+
+    run_dir = Path(run_dir)
+    info = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+    if not info.get("model"):
+        raise ValueError(f"{run_dir / 'run.json'} does not name its base model")
+    model, tokenizer = load_model(info["model"], device=device, dtype=dtype)
+    if info.get("quantization_bit") and not model.config.quantization_bit:
+        model.quantize(info["quantization_bit"])
+    artifact = run_dir / ARTIFACT
+    method = json.loads((artifact / METHOD_FILE).read_text(encoding="utf-8"))
+    if method["method"] == "lora":
+        from chatglm.lora import load_lora
+
+        return load_lora(model, artifact).eval(), tokenizer
+    setup = apply_method(model, method["method"], **method["options"]) if method["method"] != "custom" else None
+    model = setup.model if setup else model
+    load_artifact(model, artifact)
+    return model.eval(), tokenizer

@@ -1,0 +1,104 @@
+"""Training runs: run folder, loss history, small artifacts, reload, resume."""
+
+import json
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from helpers.data import EncodedDataset, load_split
+from helpers.methods import apply_method
+from helpers.models import load_model
+from helpers.training import load_finetuned, read_history, train
+
+OPTIONS = {"freeze": {"layers": 1}, "embedding": {}, "ptuning_v2": {"pre_seq_len": 4}, "lora": {"r": 4}}
+
+
+def small_dataset(tokenizer, n=12):
+    return EncodedDataset(tokenizer, "ie", load_split("ie", "train", limit=n), max_source_length=96,
+                          max_target_length=32)
+
+
+@pytest.mark.parametrize("method", ["freeze", "embedding", "ptuning_v2", "lora"])
+def test_train_writes_run_folder_and_reloads_identically(tiny_checkpoint, tmp_path, method):
+    model, tokenizer = load_model(str(tiny_checkpoint))
+    setup = apply_method(model, method, **OPTIONS[method])
+    result = train(setup, tokenizer, small_dataset(tokenizer), tmp_path / method, task="ie", max_steps=3,
+                   batch_size=4, learning_rate=1e-2, save_steps=2, progress=False)
+    run = json.loads((tmp_path / method / "run.json").read_text())
+    assert run["status"] == "finished" and run["method"] == method and run["global_step"] == 3
+    assert run["trainable_params"] == setup.trainable_params and run["model"] == str(tiny_checkpoint)
+    assert [r["step"] for r in result.history] == [1, 2, 3]
+    assert (tmp_path / method / "loss_history.csv").read_text().count("\n") == 4
+    assert any((tmp_path / method / "tb").iterdir())
+    artifact = tmp_path / method / "artifact"
+    files = {p.name for p in artifact.iterdir()}
+    assert "method.json" in files
+    assert ("adapter_model.safetensors" in files) if method == "lora" else ("trainable.safetensors" in files)
+    # small: only the trained part, never the base model
+    size = sum(p.stat().st_size for p in artifact.iterdir())
+    assert size < 4.5 * setup.trainable_params + 10_000
+
+    reloaded, _ = load_finetuned(tmp_path / method)
+    batch = small_dataset(tokenizer, 2)[0]
+    ids = torch.tensor([batch["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(setup.model.eval()(input_ids=ids).logits, reloaded(input_ids=ids).logits)
+
+
+def test_one_step_lowers_the_loss_for_every_method(tiny_checkpoint):
+    for method in ("freeze", "embedding", "ptuning_v2", "lora"):
+        model, tokenizer = load_model(str(tiny_checkpoint))
+        setup = apply_method(model, method, **OPTIONS[method])
+        from helpers.data import Collator
+
+        batch = Collator(tokenizer.pad_token_id)([small_dataset(tokenizer, 4)[i] for i in range(4)])
+        model = setup.model.train()
+        if method == "ptuning_v2":
+            model.transformer.prefix_dropout.p = 0.0
+        if method == "lora":
+            for module in model.modules():
+                if isinstance(module, torch.nn.Dropout):
+                    module.p = 0.0
+        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        before = model(**batch).loss
+        before.backward()
+        optimizer.step()
+        with torch.no_grad():
+            after = model(**batch).loss
+        assert after < before, method
+
+
+class StopAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+def test_interrupted_run_resumes_with_the_same_losses(tiny_checkpoint, tmp_path):
+    def run(folder, callbacks=None):
+        model, tokenizer = load_model(str(tiny_checkpoint))
+        torch.manual_seed(0)  # same LoRA initialisation in both runs
+        setup = apply_method(model, "lora", r=4, dropout=0.1)  # dropout: the RNG state must resume too
+        return train(setup, tokenizer, small_dataset(tokenizer), folder, task="ie", max_steps=6, batch_size=4,
+                     learning_rate=1e-2, save_steps=2, progress=False, callbacks=callbacks)
+
+    straight = run(tmp_path / "straight").history
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "resumed", [StopAt(5)])  # stops after step 5 ran, before it was logged
+    assert [r["step"] for r in read_history(tmp_path / "resumed" / "loss_history.jsonl")] == [1, 2, 3, 4]
+    assert json.loads((tmp_path / "resumed" / "run.json").read_text())["status"] == "running"
+    resumed = run(tmp_path / "resumed").history
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in straight], rel=1e-6)
+
+
+def test_train_refuses_a_model_with_nothing_trainable(tiny_checkpoint, tmp_path):
+    model, tokenizer = load_model(str(tiny_checkpoint))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="apply a method"):
+        train(model, tokenizer, small_dataset(tokenizer), tmp_path, max_steps=1)
