@@ -476,6 +476,14 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, ChatGLMGenerationM
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    def _labelled_loss(self, hidden_states: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy (fp32) of the next-token predictions at labelled positions only."""
+        targets = labels[:, 1:].to(hidden_states.device)
+        keep = targets != -100
+        logits = self.lm_head(hidden_states[:, :-1][keep])
+        loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+        return loss / keep.sum() if bool(keep.any()) else loss * 0.0
+
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
 
@@ -510,13 +518,18 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, ChatGLMGenerationM
             return_dict=True,
         )
         hidden_states = out.last_hidden_state
-        logits = self.lm_head(hidden_states)
-        loss = None
-        if labels is not None:
-            labels = labels.to(logits.device)
-            loss = F.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
-            )
+        loss = logits = None
+        if labels is not None and self.training and torch.is_grad_enabled():
+            # Training only needs the loss: project just the positions that predict a label (the answer), which
+            # skips most of the 130k-way output layer and never holds logits for the prompt.
+            loss = self._labelled_loss(hidden_states, labels)
+        else:
+            logits = self.lm_head(hidden_states)
+            if labels is not None:
+                labels = labels.to(logits.device)
+                loss = F.cross_entropy(
+                    logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
+                )
         result = CausalLMOutputWithPast(
             loss=loss, logits=logits, cache=out.cache, hidden_states=out.hidden_states, attentions=out.attentions
         )

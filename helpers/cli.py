@@ -1,4 +1,4 @@
-"""Command line: ``python -m helpers compare|train|evaluate|params|download``."""
+"""Command line: ``python -m helpers compare|train|evaluate|params|estimate|download``."""
 
 from __future__ import annotations
 
@@ -122,6 +122,15 @@ def cmd_params(args) -> int:
     return 0
 
 
+def cmd_estimate(args) -> int:
+    from .estimate import estimate
+
+    result = estimate(args.model, args.method, seq=args.seq, batch=args.bs,
+                      gradient_checkpointing=args.gradient_checkpointing, **_method_overrides(args, args.method))
+    print(result.table())
+    return 0
+
+
 def cmd_download(args) -> int:
     from .data import download, registry
 
@@ -168,6 +177,15 @@ def build_parser() -> argparse.ArgumentParser:
     params.add_argument("--method", required=True, choices=METHODS)
     _add_method_options(params)
     params.set_defaults(func=cmd_params)
+
+    estimate = commands.add_parser("estimate", help="predicted peak GPU memory of a method at full size (offline)")
+    estimate.add_argument("--model", default="THUDM/chatglm-6b-int4")
+    estimate.add_argument("--method", required=True, choices=METHODS)
+    estimate.add_argument("--seq", type=int, default=512, help="tokens per row")
+    estimate.add_argument("--bs", type=int, default=4, help="rows per batch")
+    estimate.add_argument("--gradient-checkpointing", action="store_true")
+    _add_method_options(estimate)
+    estimate.set_defaults(func=cmd_estimate)
 
     download = commands.add_parser("download", help="fetch a full public dataset (spo, d2q, tnews)")
     download.add_argument("name", nargs="?")

@@ -60,6 +60,7 @@ class TrainingConfig:
     gradient_checkpointing: bool = False
     mixed_precision: str = "auto"  # "auto": bf16 on GPUs that have it, else fp16 on GPU; fp32 on CPU
     dataloader_num_workers: int = 0
+    deepspeed: str | None = None  # a DeepSpeed config file (see configs/), for multi-GPU runs
     progress: bool = True
 
 
@@ -248,6 +249,7 @@ def train(
         raise ValueError("nothing to train: apply a method (helpers.freeze/embedding/ptuning_v2/lora) first")
     run_dir = Path(out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun/accelerate only rank 0 writes files
     checkpoint_dir = run_dir / "checkpoints"
     last = get_last_checkpoint(str(checkpoint_dir)) if resume and checkpoint_dir.is_dir() else None
     resumed_step = int(last.rsplit("-", 1)[-1]) if last else 0
@@ -271,8 +273,10 @@ def train(
         "train_examples": len(dataset),
         "status": "running",
         "resumed_from_step": resumed_step,
+        "world_size": int(os.environ.get("WORLD_SIZE", "1")),
     }
-    write_json(run_dir / "run.json", info)
+    if main_process:
+        write_json(run_dir / "run.json", info)
 
     args = TrainingArguments(
         output_dir=str(checkpoint_dir),
@@ -297,17 +301,20 @@ def train(
         remove_unused_columns=False,
         label_names=["labels"],
         use_cpu=device.type == "cpu",
+        deepspeed=config.deepspeed,
         **_mixed_precision(config.mixed_precision, model),
     )
     from torch.utils.tensorboard import SummaryWriter
 
-    tensorboard = TensorBoardCallback(SummaryWriter(log_dir=str(run_dir / "tb")))
+    writers = []
+    if main_process:
+        writers = [HistoryCallback(run_dir, resumed_step), TensorBoardCallback(SummaryWriter(log_dir=str(run_dir / "tb")))]
     trainer = CourseTrainer(
         model=model,
         args=args,
         train_dataset=dataset,
         data_collator=Collator(tokenizer.pad_token_id),
-        callbacks=[HistoryCallback(run_dir, resumed_step), tensorboard, *(callbacks or [])],
+        callbacks=[*writers, *(callbacks or [])],
         method=setup.method,
         method_options=setup.options,
     )
@@ -319,9 +326,10 @@ def train(
     started = time.time()
     output = trainer.train(resume_from_checkpoint=last)  # the TensorBoard callback closes its writer at the end
     model.eval()
-
-    save_artifact(model, run_dir / ARTIFACT, setup.method, setup.options)
     history = read_history(run_dir / "loss_history.jsonl")
+    if not main_process:
+        return TrainResult(run_dir, info, history)
+    save_artifact(model, run_dir / ARTIFACT, setup.method, setup.options)
     peak, kind = _peak_memory(device)
     info.update(
         status="finished",

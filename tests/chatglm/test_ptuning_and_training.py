@@ -99,3 +99,18 @@ def test_inputs_embeds_need_explicit_layout():
     out = model(inputs_embeds=embeds, position_ids=glm_position_ids(IDS, model.config),
                 attention_mask=glm_blocked_mask(IDS, model.config))
     assert torch.allclose(out.logits, model(IDS).logits, atol=1e-6)
+
+
+def test_training_loss_skips_unlabelled_positions_but_is_the_same():
+    model = random_model(seed=6)
+    model.eval()
+    with torch.no_grad():
+        reference = model(IDS, labels=LABELS)
+    model.train()
+    out = model(IDS, labels=LABELS)
+    assert out.logits is None  # training returns the loss only
+    assert torch.allclose(out.loss, reference.loss, atol=1e-6)
+    with torch.no_grad():
+        assert model(IDS, labels=LABELS).logits is not None  # without gradients, logits as usual
+    no_labels = torch.full_like(LABELS, -100)
+    assert model(IDS, labels=no_labels).loss.item() == 0.0
