@@ -57,12 +57,20 @@ def quantize_weight(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torc
 def dequantize_weight(qweight: torch.Tensor, scale: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
     """Floating weight [out, in] in ``dtype`` from the stored int8 weight and its per-row scale."""
     _check_bits(bits)
-    q = unpack_int4(qweight) if bits == 4 else qweight
-    if dtype in (torch.float16, torch.float32, torch.float64):
-        # q * scale is exact before the final rounding, so computing in the target dtype rounds once.
-        return q.to(dtype) * scale.to(dtype)[:, None]
-    # bf16 (and others): form the exact product in fp32, then round once.
-    return (q.float() * scale.float()[:, None]).to(dtype)
+    # q * scale is exact before the final rounding, so computing in fp16/fp32 rounds once; for bf16 (and others)
+    # the exact product is formed in fp32 and rounded once at the end.
+    exact = dtype in (torch.float16, torch.float32, torch.float64)
+    compute = dtype if exact else torch.float32
+    if bits == 4:
+        # Unpack straight into the floating output (one pass per nibble, no stacked int8 copy).
+        weight = torch.empty(*qweight.shape, 2, dtype=compute, device=qweight.device)
+        weight[..., 0] = qweight >> 4
+        weight[..., 1] = (qweight << 4) >> 4
+        weight = weight.flatten(-2)
+    else:
+        weight = qweight.to(compute)
+    weight.mul_(scale.to(compute)[:, None])
+    return weight if exact else weight.to(dtype)
 
 
 class _QuantizedMatmul(torch.autograd.Function):

@@ -44,6 +44,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, help="learning rate (default: per method)")
     parser.add_argument("--grad-accum", type=int, help="gradient accumulation steps")
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--deepspeed", help="a DeepSpeed config (configs/deepspeed_zero2.json or _zero3.json)")
     parser.add_argument("--eval-limit", type=int, help="evaluate on the first N test examples only")
     parser.add_argument("--max-new-tokens", type=int)
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
@@ -55,7 +56,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
 def _training(args) -> dict:
     chosen = {"max_steps": args.steps, "batch_size": args.batch_size, "learning_rate": args.lr,
               "gradient_accumulation_steps": args.grad_accum,
-              "gradient_checkpointing": args.gradient_checkpointing or None}
+              "gradient_checkpointing": args.gradient_checkpointing or None, "deepspeed": args.deepspeed}
     return {k: v for k, v in chosen.items() if v is not None}
 
 
@@ -73,6 +74,8 @@ def cmd_compare(args) -> int:
         eval_limit=args.eval_limit, device=args.device, dtype=args.dtype, seed=args.seed, resume=not args.fresh,
     )
     out = Path(summary["out"])
+    if "files" not in summary:  # a helper process of a distributed run
+        return 0
     print()
     print((out / "comparison.md").read_text(encoding="utf-8"))
     print(f"Finished in {summary['wall_time_s'] / 60:.1f} min. Outputs in {out}/: comparison.png, comparison.md, "
@@ -89,7 +92,8 @@ def cmd_train(args) -> int:
         test_file=args.test_file, eval_limit=args.eval_limit, device=args.device, dtype=args.dtype,
         seed=args.seed, resume=not args.fresh,
     )
-    print(json.dumps(metrics, indent=2, ensure_ascii=False))
+    if metrics:  # empty on the helper processes of a distributed run
+        print(json.dumps(metrics, indent=2, ensure_ascii=False))
     return 0
 
 

@@ -20,7 +20,7 @@ from .methods import METHODS, apply_method
 from .models import load_model
 from .plotting import load_runs, write_comparison
 from .files import write_json
-from .training import train
+from .training import is_main_process, train
 
 # Method options used unless given: the original course's choices where they fit every model size.
 METHOD_DEFAULTS = {
@@ -72,13 +72,15 @@ def run_method(
     set_seed(seed)
     model, tokenizer = load_model(model_name, device=device, dtype=dtype)
     heldout = heldout_texts()
-    if perplexity_before is None:
+    if perplexity_before is None and is_main_process():
         perplexity_before = perplexity(model, tokenizer, heldout)
     setup = apply_method(model, method, **method_options(model, method, method_overrides))
     print(f"[{method}] {setup}")
     dataset = EncodedDataset(tokenizer, task_spec, load_split(task, "train", train_file))
     train(setup, tokenizer, dataset, out_dir, task=task, resume=resume, seed=seed,
           **{"learning_rate": LEARNING_RATES.get(method, 1e-3), **(training or {})})
+    if not is_main_process():  # under torchrun/accelerate the other processes only help to train
+        return {}
     examples = load_split(task, "test", test_file, limit=eval_limit)
     metrics = evaluate(setup.model, tokenizer, task_spec, examples, out_dir=out_dir, **(evaluation or {}))
     metrics["perplexity_before"] = perplexity_before
@@ -115,7 +117,9 @@ def compare(
     for method in methods:
         metrics = run_method(model, task, method, out / method, training=training, evaluation=evaluation,
                              lengths=lengths, perplexity_before=before, **run_options)
-        before = metrics["perplexity_before"]
+        before = metrics.get("perplexity_before")
+    if not is_main_process():
+        return {"out": str(out)}
     runs = load_runs(*(out / m for m in methods))
     paths = write_comparison(runs, out)
     summary = {"out": str(out), "wall_time_s": round(time.time() - started, 1), "files": paths}

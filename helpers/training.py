@@ -83,6 +83,11 @@ def _versions() -> dict:
             "peft": peft.__version__}
 
 
+def is_main_process() -> bool:
+    """True outside distributed runs, and on rank 0 under ``torchrun``/``accelerate launch``/``deepspeed``."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def _mixed_precision(choice: str, model: nn.Module) -> dict:
     device = next(model.parameters()).device
     if choice == "auto":
@@ -249,7 +254,7 @@ def train(
         raise ValueError("nothing to train: apply a method (helpers.freeze/embedding/ptuning_v2/lora) first")
     run_dir = Path(out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun/accelerate only rank 0 writes files
+    main_process = is_main_process()  # under torchrun/accelerate only rank 0 writes files
     checkpoint_dir = run_dir / "checkpoints"
     last = get_last_checkpoint(str(checkpoint_dir)) if resume and checkpoint_dir.is_dir() else None
     resumed_step = int(last.rsplit("-", 1)[-1]) if last else 0
