@@ -336,6 +336,14 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.word_embeddings = value
 
+    def _compute_dtype(self) -> torch.dtype:
+        """The dtype the layers compute in: that of the (frozen) first attention projection."""
+        projection = self.layers[0].attention.query_key_value
+        projection = getattr(projection, "base_layer", projection)  # under a LoRA wrapper
+        if isinstance(projection, QuantizedLinear):
+            return (projection.bias if projection.bias is not None else projection.weight_scale).dtype
+        return projection.weight.dtype
+
     def prefix_key_values(self, batch_size: int, device: torch.device, dtype: torch.dtype):
         """Per-layer (key, value) of the P-Tuning v2 prefix, each [b, heads, pre_seq_len, head_dim]."""
         config = self.config
@@ -439,7 +447,8 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         cos, sin = self.rotary_emb(position_ids)
         eager = output_attentions or config._attn_implementation == "eager"
 
-        hidden_states = inputs_embeds
+        # Fine-tuning keeps trained tensors in fp32; the layers compute in the base dtype (a no-op otherwise).
+        hidden_states = inputs_embeds.to(self._compute_dtype())
         all_hidden, all_attentions = [], []
         for i, layer in enumerate(self.layers):
             if output_hidden_states:

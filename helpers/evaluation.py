@@ -7,6 +7,7 @@ forgetting check compares the perplexity of held-out plain text before and after
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from . import data
 from .data import IGNORE_INDEX, Example, Task
 from .files import write_json, write_text
+from .methods import mixed_precision
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -43,21 +45,22 @@ def _token_ids(tokenizer, text: str) -> list[int]:
 
 
 class _EvalMode:
-    """Puts the model in eval mode without gradients; restores its training flag afterwards."""
+    """Eval mode without gradients (and autocast for mixed dtypes); restores the training flag afterwards."""
 
     def __init__(self, model) -> None:
         self.model = model
 
     def __enter__(self):
         self.was_training = self.model.training
-        self.no_grad = torch.no_grad()
-        self.no_grad.__enter__()
+        self.contexts = contextlib.ExitStack()
+        self.contexts.enter_context(torch.no_grad())
+        self.contexts.enter_context(mixed_precision(self.model))  # fp32 trained tensors in a bf16/fp16 model
         self.model.eval()
         return self.model
 
     def __exit__(self, *exc) -> None:
         self.model.train(self.was_training)
-        self.no_grad.__exit__(*exc)
+        self.contexts.close()
 
 
 def _progress(total: int, desc: str, enabled: bool):

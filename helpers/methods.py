@@ -54,6 +54,29 @@ def trainable_report(model: nn.Module) -> str:
     return line
 
 
+def base_dtype(model: nn.Module) -> torch.dtype:
+    """The compute dtype of the frozen base (trainable tensors are kept in fp32 and do not count)."""
+    floating = [p for p in model.parameters() if p.dtype.is_floating_point]
+    frozen = [p for p in floating if not p.requires_grad]
+    return (frozen or floating)[0].dtype if floating else torch.float32
+
+
+def mixed_precision(model: nn.Module):
+    """An autocast context in the base dtype when fp32 trainable tensors sit in a fp16/bf16 model, else a no-op.
+
+    Needed to run such a model outside ``Trainer`` (evaluation, generation): e.g. a fp32 LayerNorm cannot take a
+    bf16 input unless autocast handles it.
+    """
+    import contextlib
+
+    dtype = base_dtype(model)
+    mixed = any(p.dtype.is_floating_point and p.dtype != dtype for p in model.parameters())
+    if dtype == torch.float32 or not mixed:
+        return contextlib.nullcontext()
+    device = next(model.parameters()).device.type
+    return torch.autocast(device_type=device, dtype=dtype)
+
+
 def _freeze_all(model: nn.Module) -> None:
     for param in model.parameters():
         param.requires_grad_(False)

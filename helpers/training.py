@@ -33,7 +33,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from .data import Collator
 from .files import read_history, write_json
-from .methods import MethodSetup, apply_method
+from .methods import MethodSetup, apply_method, base_dtype
 
 ARTIFACT = "artifact"
 TRAINABLE_FILE = "trainable.safetensors"
@@ -89,11 +89,16 @@ def is_main_process() -> bool:
 
 
 def _mixed_precision(choice: str, model: nn.Module) -> dict:
+    """Trainer's autocast flags: "auto" follows the base dtype (bf16/fp16 model), and on a GPU an fp32 model
+    trains in bf16 where supported, else fp16; fp32 on a CPU stays fp32."""
     device = next(model.parameters()).device
     if choice == "auto":
-        if device.type != "cuda":
-            return {}
-        return {"bf16": True} if torch.cuda.is_bf16_supported() else {"fp16": True}
+        dtype = base_dtype(model)
+        if dtype == torch.bfloat16 or (device.type == "cuda" and dtype == torch.float32 and torch.cuda.is_bf16_supported()):
+            return {"bf16": True}
+        if dtype == torch.float16 or device.type == "cuda":
+            return {"fp16": True}
+        return {}
     return {"no": {}, "fp32": {}, "bf16": {"bf16": True}, "fp16": {"fp16": True}}[choice]
 
 
@@ -370,4 +375,11 @@ def load_finetuned(run_dir: str | os.PathLike, device: torch.device | str | None
     setup = apply_method(model, method["method"], **method["options"]) if method["method"] != "custom" else None
     model = setup.model if setup else model
     load_artifact(model, artifact)
+    # For inference the trained tensors join the base dtype, so the model runs (and chats) without autocast;
+    # the prefix encoder stays fp32 as in the original (its output is cast where it is used).
+    dtype = base_dtype(model)
+    for name, param in model.named_parameters():
+        param.requires_grad_(False)
+        if param.dtype.is_floating_point and param.dtype != dtype and "prefix_encoder" not in name:
+            param.data = param.data.to(dtype)
     return model.eval(), tokenizer

@@ -102,3 +102,30 @@ def test_train_refuses_a_model_with_nothing_trainable(tiny_checkpoint, tmp_path)
         p.requires_grad_(False)
     with pytest.raises(ValueError, match="apply a method"):
         train(model, tokenizer, small_dataset(tokenizer), tmp_path, max_steps=1)
+
+
+def test_bf16_base_with_fp32_trainable_tensors_trains_and_evaluates(tiny_checkpoint, tmp_path):
+    """A bf16 model whose trained tensors are fp32 runs under autocast in training and in evaluation."""
+    from helpers.evaluation import evaluate
+
+    model, tokenizer = load_model(str(tiny_checkpoint), dtype="bf16")
+    setup = apply_method(model, "freeze", layers=1)  # fp32 LayerNorms inside bf16 layers
+    assert model.transformer.layers[1].input_layernorm.weight.dtype == torch.float32
+    assert model.transformer.layers[1].attention.query_key_value.bias.dtype == torch.bfloat16
+    result = train(setup, tokenizer, small_dataset(tokenizer, 4), tmp_path / "bf16", task="ie", max_steps=2,
+                   batch_size=2, progress=False)
+    assert result.info["global_step"] == 2
+    metrics = evaluate(setup.model, tokenizer, "ie", load_split("ie", "test", limit=2), max_new_tokens=3,
+                       progress=False)
+    assert metrics["n"] == 2
+
+
+def test_reloaded_bf16_run_chats_without_autocast(tiny_checkpoint, tmp_path):
+    model, tokenizer = load_model(str(tiny_checkpoint), dtype="bf16")
+    setup = apply_method(model, "embedding")
+    train(setup, tokenizer, small_dataset(tokenizer, 4), tmp_path / "emb", task="ie", max_steps=1, batch_size=2,
+          progress=False)
+    reloaded, tok = load_finetuned(tmp_path / "emb", dtype="bf16")
+    assert {p.dtype for p in reloaded.parameters() if p.dtype.is_floating_point} == {torch.bfloat16}
+    answer, history = reloaded.chat(tok, "你好", max_length=40, do_sample=False)
+    assert isinstance(answer, str) and history[-1][0] == "你好"
