@@ -32,7 +32,7 @@ def default_dtype(device: torch.device | str) -> torch.dtype:
     device = torch.device(device)
     if device.type != "cuda":
         return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
 
 
 def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:

@@ -29,6 +29,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import ProgressCallback
+from transformers.utils.notebook import NotebookProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from .data import Collator
@@ -94,7 +95,8 @@ def _mixed_precision(choice: str, model: nn.Module) -> dict:
     device = next(model.parameters()).device
     if choice == "auto":
         dtype = base_dtype(model)
-        if dtype == torch.bfloat16 or (device.type == "cuda" and dtype == torch.float32 and torch.cuda.is_bf16_supported()):
+        native_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+        if dtype == torch.bfloat16 or (dtype == torch.float32 and native_bf16):
             return {"bf16": True}
         if dtype == torch.float16 or device.type == "cuda":
             return {"fp16": True}
@@ -330,6 +332,7 @@ def train(
     )
     if config.progress:
         trainer.remove_callback(ProgressCallback)
+        trainer.remove_callback(NotebookProgressCallback)  # in Jupyter: one bar, not a table row per step
         trainer.add_callback(LossBar())
     _reset_peak_memory(device)
     at_start = _current_memory(device)

@@ -1,0 +1,332 @@
+"""helpers.notebook: parameters, model choice, tables, the live loss plot and the comparison explorer."""
+
+from __future__ import annotations
+
+import json
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from helpers import notebook as nb
+from helpers.data import Example, get_task
+from helpers.pipeline import LEARNING_RATES, TINY_TRAINING
+from helpers.plotting import Run
+
+# ---------------------------------------------------------------------------------------------------------
+# Where we run
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_in_colab(monkeypatch):
+    monkeypatch.delenv("COLAB_RELEASE_TAG", raising=False)
+    monkeypatch.delitem(sys.modules, "google.colab", raising=False)
+    assert not nb.in_colab()
+    monkeypatch.setitem(sys.modules, "google.colab", SimpleNamespace())
+    assert nb.in_colab()
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, False),
+    ({"JPY_SESSION_NAME": "01_freeze.ipynb"}, True),
+    ({"JPY_SESSION_NAME": "01_freeze.ipynb", "CI": "true"}, False),
+    ({"CI": "true", "COURSE_TENSORBOARD": "1"}, True),
+    ({"JPY_SESSION_NAME": "x", "COURSE_TENSORBOARD": "0"}, False),
+])
+def test_interactive_frontend(monkeypatch, env, expected):
+    for key in ("JPY_SESSION_NAME", "CI", "COURSE_TENSORBOARD", "COLAB_RELEASE_TAG"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.delitem(sys.modules, "google.colab", raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert nb.interactive_frontend() is expected
+
+
+def test_runtime_report_on_cpu(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    info = nb.runtime_report()
+    assert info["device"] == "cpu" and info["gpu"] is None and info["bf16"] is False
+    assert info["cpu_cores"] >= 1
+    assert "No GPU" in capsys.readouterr().out
+
+
+def test_default_runs_dir_is_in_the_checkout():
+    assert nb.default_runs_dir() == nb.repository_root() / "runs" / "notebooks"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Parameters
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_params_defaults_and_environment():
+    env = {"COURSE_STEPS": "8", "COURSE_EVAL_LIMIT": "all", "COURSE_DEQUANTIZE": "yes", "COURSE_TASK": "cls",
+           "COURSE_LEARNING_RATE": "0.01", "COURSE_RUNS_DIR": "runs/ci", "COURSE_MODEL": " "}
+    params = nb.params_from_env(env, model=None, task="ie", steps=None, eval_limit=4, dequantize=False,
+                                learning_rate=None, runs_dir=None, layers=5)
+    assert (params.model, params.task, params.steps, params.eval_limit) == (None, "cls", 8, None)
+    assert params.dequantize is True and params.learning_rate == 0.01 and params.runs_dir == "runs/ci"
+    assert params.layers == 5
+    assert params.sources["steps"] == "COURSE_STEPS" and params.sources["layers"] == "notebook"
+    assert "COURSE_STEPS" in repr(params) and "sources" not in params.as_dict()
+
+
+def test_params_unknown_names_take_the_default_type():
+    params = nb.params_from_env({"COURSE_WIDTH": "12", "COURSE_LABEL": "x"}, width=3, label=None)
+    assert params.width == 12 and params.label == "x"
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"COURSE_STEPS": "many"}, "COURSE_STEPS='many': expected int"),
+    ({"COURSE_DEQUANTIZE": "maybe"}, "COURSE_DEQUANTIZE"),
+    ({"COURSE_TASK": "ner"}, "task 'ner' is unknown"),
+    ({"COURSE_STEPS": "0"}, "steps must be at least 1"),
+])
+def test_params_reject_bad_values(env, message):
+    with pytest.raises(ValueError, match=message):
+        nb.params_from_env(env, task="ie", steps=None, dequantize=False)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Model choice and training settings
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_choose_model(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    name, banner = nb.choose_model()
+    assert name == "tiny" and "TOY MODE" in banner
+    name, banner = nb.choose_model("THUDM/chatglm-6b-int4")
+    assert name == "THUDM/chatglm-6b-int4" and "WARNING: no GPU" in banner
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    name, banner = nb.choose_model()
+    assert name == nb.REAL_MODEL and "TOY" not in banner and "WARNING" not in banner
+
+
+def test_is_toy(tmp_path):
+    assert nb.is_toy("tiny") and not nb.is_toy("THUDM/chatglm-6b-int4")
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 64}))
+    assert nb.is_toy(tmp_path) and nb.is_toy(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 4096}))
+    assert not nb.is_toy(tmp_path)
+    assert nb.is_toy(SimpleNamespace(config=SimpleNamespace(hidden_size=160)))
+
+
+def test_task_for_shortens_budgets_for_the_tiny_model():
+    assert nb.task_for("ie", toy=False) == get_task("ie")
+    short = nb.task_for("ie", toy=True)
+    assert short.prompt == get_task("ie").prompt and short.max_target_length < get_task("ie").max_target_length
+
+
+def test_training_options():
+    toy = nb.training_options("lora", toy=True)
+    assert toy["max_steps"] == TINY_TRAINING["max_steps"] and toy["learning_rate"] == LEARNING_RATES["lora"]
+    short = nb.training_options("freeze", toy=True, steps=8, dequantized=True, learning_rate=None)
+    assert short["max_steps"] == 8 and short["warmup_steps"] <= 8 // 5 and short["save_steps"] <= 8
+    assert short["learning_rate"] < LEARNING_RATES["freeze"]
+    a100 = nb.training_options("ptuning_v2", toy=False, gpu_memory_gib=40, learning_rate=0.05)
+    assert (a100["batch_size"], a100["gradient_accumulation_steps"], a100["gradient_checkpointing"]) == (4, 2, False)
+    assert a100["learning_rate"] == 0.05
+    t4 = nb.training_options("lora", toy=False, gpu_memory_gib=15)
+    assert (t4["batch_size"], t4["gradient_accumulation_steps"], t4["gradient_checkpointing"]) == (1, 8, True)
+
+
+def _write_run(folder, **info):
+    folder.mkdir(parents=True, exist_ok=True)
+    base = {"name": folder.name, "method": "lora", "task": "ie", "model": "tiny", "status": "finished",
+            "method_options": {"r": 8, "target_modules": ["query_key_value"]},
+            "hyperparameters": {"max_steps": 8, "learning_rate": 0.005}}
+    (folder / "run.json").write_text(json.dumps({**base, **info}))
+    return folder
+
+
+def test_prepare_run(tmp_path, capsys):
+    options, training = {"r": 8, "target_modules": ("query_key_value",)}, {"max_steps": 8, "learning_rate": 0.005}
+    assert nb.prepare_run(tmp_path, "lora-ie", "tiny", options, training) == (tmp_path / "lora-ie", False)
+    _write_run(tmp_path / "lora-ie", status="running")
+    assert nb.prepare_run(tmp_path, "lora-ie", "tiny", options, training) == (tmp_path / "lora-ie", True)
+    assert (tmp_path / "lora-ie").exists()
+    _write_run(tmp_path / "lora-ie", status="running")
+    assert nb.prepare_run(tmp_path, "lora-ie", "other", options, training)[1] is False
+    assert not (tmp_path / "lora-ie").exists()
+    _write_run(tmp_path / "lora-ie")  # finished: a new run replaces it
+    assert nb.prepare_run(tmp_path, "lora-ie", "tiny", options, training)[1] is False
+    assert "Replacing" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Full-size numbers
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_full_size_lines():
+    freeze = nb.full_size_line("freeze", layers=5)
+    assert freeze.trainable == 81_920 and "trainable params: 81,920 || all params: 3,355,746,304" in str(freeze)
+    dequantized = nb.full_size_line("freeze", layers=5, dequantize=True)
+    assert dequantized.trainable == 1_006_899_200
+    assert dequantized.fits() == {"T4 (16 GB)": False, "A100 (40 GB)": True}
+    assert nb.full_size_line("lora", r=8).trainable == 3_670_016
+    assert nb.full_size_line("ptuning_v2", prefix_projection=False).trainable == 3_670_016
+    projection = nb.full_size_line("ptuning_v2")
+    assert projection.trainable == 956_600_320 and projection.states_bytes == 12 * 956_600_320
+    assert 17 < projection.total_gib < 19
+
+
+def test_full_size_table():
+    table = nb.full_size_table([("freeze", {}), ("embedding", {})])
+    assert "| freeze | defaults | 81,920 |" in table.text and "534,642,688" in table.text
+    assert table._repr_markdown_() == repr(table) == table.text
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tables
+# ---------------------------------------------------------------------------------------------------------
+
+IE_EXAMPLE = Example("故障现象：发动机怠速抖动，火花塞积碳严重。", "发动机_性能故障_怠速抖动\n火花塞_部件故障_积碳严重")
+
+
+def test_show_examples():
+    table = nb.show_examples([IE_EXAMPLE, Example("x" * 200, "y")], n=5, width=20)
+    assert "发动机_性能故障_怠速抖动<br>火花塞_部件故障_积碳严重" in table.text
+    assert "x" * 20 + "…" in table.text and "2 rows in this split" in table.text
+
+
+def test_layout_rows(small_tokenizer):
+    task = get_task("ie")
+    rows = nb.layout_rows(small_tokenizer, task, IE_EXAMPLE)
+    roles = [r["role"] for r in rows]
+    assert roles.count("[gMASK]") == roles.count("<sop>") == roles.count("<eop>") == 1
+    gmask, sop = roles.index("[gMASK]"), roles.index("<sop>")
+    assert sop == gmask + 1 and roles[-1] == "<eop>" and roles[0] == "prompt" and "text" in roles
+    assert rows[gmask]["id"] == small_tokenizer.gmask_token_id and rows[-1]["id"] == small_tokenizer.eos_token_id
+    assert all(not r["scored"] for r in rows[:sop]) and all(r["scored"] for r in rows[sop:])
+    assert all(r["label"] == r["id"] for r in rows[sop:])
+
+
+def test_show_layout(small_tokenizer):
+    task = get_task("ie")
+    short = nb.show_layout(small_tokenizer, task, IE_EXAMPLE)
+    full = nb.show_layout(small_tokenizer, task, IE_EXAMPLE, full=True)
+    assert "`[gMASK]`" in short.text and "`<sop>`" in short.text and "`<eop>`" in short.text
+    assert "more) |" in short.text and "more) |" not in full.text
+    assert len(full.text.splitlines()) == 4 + len(nb.layout_rows(small_tokenizer, task, IE_EXAMPLE))
+
+
+def test_show_metrics_puts_the_main_metric_first():
+    table = nb.show_metrics({"task": "ie", "main_metric": "f1", "precision": 0.5, "f1": 0.25, "n": 4})
+    lines = table.text.splitlines()
+    assert lines[0] == "| metric | value |" and lines[2] == "| **f1** (main) | **0.2500** |"
+    assert "| n | 4 |" in lines and not any("main_metric" in line for line in lines)
+
+
+def test_show_predictions_and_artifact(tmp_path):
+    rows = [{"text": "文本|一", "prediction": "", "references": ["a_组成_b\nc_组成_d"]}]
+    (tmp_path / "predictions.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows))
+    predictions = nb.show_predictions(tmp_path)
+    assert "文本\\|一" in predictions.text and "| ∅ |" in predictions.text
+    assert "a_组成_b<br>c_组成_d" in predictions.text
+    (tmp_path / "artifact").mkdir()
+    (tmp_path / "artifact" / "method.json").write_text("{}")
+    (tmp_path / "artifact" / "trainable.safetensors").write_bytes(b"0" * 2048)
+    artifact = nb.show_artifact(tmp_path)
+    assert "| trainable.safetensors | 2.0 KiB |" in artifact.text and "2 files" in artifact.text
+
+
+def test_show_runs_without_runs_says_what_to_do(tmp_path):
+    text = nb.show_runs([], tmp_path).text
+    assert "No runs found" in text and "QUICK_COMPARE" in text
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Live loss plot
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _feed(plot, losses, shell: bool = False):
+    args, control = SimpleNamespace(max_steps=len(losses)), SimpleNamespace()
+    state = SimpleNamespace(max_steps=len(losses), global_step=0, is_world_process_zero=True)
+    plot.on_train_begin(args, state, control)
+    for step, loss in enumerate(losses, start=1):
+        state.global_step = step
+        plot.on_log(args, state, control, logs={"loss": loss, "learning_rate": 0.1})
+        plot.on_log(args, state, control, logs={"train_runtime": 1.0})  # not a loss line
+    plot.on_train_end(args, state, control)
+
+
+def test_live_loss_plot_collects_and_draws_without_a_notebook():
+    plot = nb.LiveLossPlot(every=2, method="lora")
+    _feed(plot, [3.0, 2.0, 1.5, 1.0, 0.5])
+    assert plot.steps == [1, 2, 3, 4, 5] and plot.losses == [3.0, 2.0, 1.5, 1.0, 0.5]
+    assert plot._handle is None  # no IPython kernel: nothing displayed
+    figure = plot.figure()
+    raw, smoothed = figure.axes[0].lines
+    assert list(raw.get_ydata()) == plot.losses and smoothed.get_ydata()[0] == 3.0
+    assert "lora: step 5/5, loss 0.5000" in figure.axes[0].get_title()
+
+
+def test_live_loss_plot_updates_one_display(monkeypatch):
+    shown = []
+
+    class Handle:
+        def update(self, figure):
+            shown.append(("update", figure))
+
+    def display(figure, display_id=False):
+        shown.append(("display", figure))
+        return Handle()
+
+    import IPython.display
+
+    monkeypatch.setattr(nb, "_shell_active", lambda: True)
+    monkeypatch.setattr(IPython.display, "display", display)
+    _feed(nb.LiveLossPlot(every=2), [3.0, 2.0, 1.0, 0.5])
+    kinds = [kind for kind, _ in shown]
+    assert kinds == ["display", "update", "update", "update"]  # begin, steps 2 and 4, end
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Comparing runs
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _run(method, task, loss=1.0):
+    info = {"name": f"{method}-{task}", "method": method, "task": task, "trainable_params": 10, "all_params": 100,
+            "peak_memory_bytes": 2**20, "train_runtime_s": 1.0, "status": "finished"}
+    history = [{"step": 1, "loss": loss + 1}, {"step": 2, "loss": loss}]
+    return Run(path=None, info=info, history=history, metrics={"task": task, "main_metric": "f1", "f1": 0.1})
+
+
+def test_main_task():
+    assert nb.main_task([]) is None
+    assert nb.main_task([_run("lora", "cls"), _run("freeze", "cls"), _run("lora", "ie")]) == "cls"
+
+
+def test_comparison_explorer(monkeypatch):
+    runs = [_run("freeze", "ie"), _run("lora", "ie"), _run("lora", "cls")]
+    explorer = nb.ComparisonExplorer(runs, task="ie")
+    assert [r.name for r in explorer.selected()] == ["freeze-ie", "lora-ie"]
+    explorer.methods.value = ("lora",)
+    assert [r.name for r in explorer.selected()] == ["lora-ie"]
+    updates = []
+    handle = SimpleNamespace(update=updates.append)
+    explorer._figure = explorer._table = handle
+    explorer.task.value = "cls"  # the widget calls update()
+    assert [r.name for r in explorer.selected()] == ["lora-cls"]
+    assert len(updates) == 2 and "lora-cls" in updates[1].text
+    empty = nb.ComparisonExplorer([])
+    figure, table = empty.views()
+    assert "no runs found" in table.text and figure is not None
+
+
+def test_task_files_default_to_the_bundled_sample():
+    assert nb.task_files("ie", full=False) == (None, None)
+
+
+def test_heldout_perplexity(small_tokenizer):
+    from helpers.evaluation import heldout_texts, perplexity
+    from tests.conftest import model_for
+
+    model = model_for(small_tokenizer, seed=0)
+    value = nb.heldout_perplexity(model, small_tokenizer, limit=3)
+    assert value == pytest.approx(perplexity(model, small_tokenizer, heldout_texts(3)))
