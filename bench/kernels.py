@@ -57,5 +57,6 @@ def format_int4(row: dict) -> str:
     return (f"{row['layer']:16s} {row['shape']:>11s} x{row['tokens']:5d}  fwd {1e3 * row['int4_fwd']:8.2f} ms vs "
             f"dense {1e3 * row['dense_fwd']:8.2f} ms ({row['int4_fwd'] / row['dense_fwd']:.2f}x)   fwd+bwd "
             f"{1e3 * row['int4_fwd_bwd']:8.2f} ms vs {1e3 * row['dense_fwd_bwd']:8.2f} ms "
-            f"({row['int4_fwd_bwd'] / row['dense_fwd_bwd']:.2f}x)   weight {row['weight_bytes_int4'] / 2**20:.0f} MiB vs "
+            f"({row['int4_fwd_bwd'] / row['dense_fwd_bwd']:.2f}x)   "
+            f"weight {row['weight_bytes_int4'] / 2**20:.0f} MiB vs "
             f"{row['weight_bytes_dense'] / 2**20:.0f} MiB")

@@ -27,16 +27,27 @@ from transformers import AutoModelForCausalLM
 imported = time.perf_counter()
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float16)
 loaded = time.perf_counter()
-hwm = next(int(l.split()[1]) * 1024 for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM"))
-print(json.dumps({"load_s": loaded - imported, "import_s": imported - start, "peak_rss": hwm,
-                  "params": sum(p.numel() for p in model.parameters())}))
+
+
+def peak():
+    status = Path("/proc/self/status").read_text().splitlines()
+    return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM"))
+
+
+after_load = peak()
+with torch.no_grad():
+    for param in model.parameters():  # touch every weight (memory-mapped pages become resident)
+        param.max()
+print(json.dumps({"load_s": loaded - imported, "import_s": imported - start, "peak_rss": after_load,
+                  "peak_rss_touched": peak(), "params": sum(p.numel() for p in model.parameters())}))
 """
 
 BASELINE = """
 import json
 from pathlib import Path
 import torch, chatglm, transformers
-hwm = next(int(l.split()[1]) * 1024 for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM"))
+status = Path("/proc/self/status").read_text().splitlines()
+hwm = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM"))
 print(json.dumps({"peak_rss": hwm}))
 """
 
@@ -73,6 +84,7 @@ def bench_load(folder: str | None = None, safetensors: bool = False, size: str =
         result = _child(LOADER, str(scratch))
     result.update(format="model.safetensors" if safetensors else "pytorch_model.bin", checkpoint_bytes=size,
                   write_s=written, baseline_rss=baseline, ratio=result["peak_rss"] / size,
+                  ratio_touched=result["peak_rss_touched"] / size,
                   ratio_above_baseline=(result["peak_rss"] - baseline) / size)
     return result
 
@@ -81,4 +93,5 @@ def format_load(result: dict) -> str:
     return (f"{result['format']}: {result['checkpoint_bytes'] / 2**30:.2f} GiB, {result['params']:,} parameters, "
             f"load {result['load_s']:.1f} s, peak RSS {result['peak_rss'] / 2**30:.2f} GiB = "
             f"{result['ratio']:.2f} x checkpoint ({result['ratio_above_baseline']:.2f} x above the "
-            f"{result['baseline_rss'] / 2**30:.2f} GiB of an idle interpreter with torch and transformers)")
+            f"{result['baseline_rss'] / 2**30:.2f} GiB of an idle interpreter with torch and transformers); "
+            f"{result['ratio_touched']:.2f} x once every weight has been read")

@@ -18,8 +18,12 @@ from .common import (
     timed,
 )
 
-METHOD_OPTIONS = {"freeze": {"layers": 5}, "embedding": {}, "ptuning_v2": {"pre_seq_len": 16, "prefix_projection": True},
-                  "lora": {"r": 8}}
+METHOD_OPTIONS = {
+    "freeze": {"layers": 5},
+    "embedding": {},
+    "ptuning_v2": {"pre_seq_len": 16, "prefix_projection": True},
+    "lora": {"r": 8},
+}
 
 
 def train_flops_per_token(model, config, seq: int) -> float:
@@ -44,8 +48,8 @@ def bench_train(size: str, method: str, seq: int, batch: int, steps: int, device
         (model.get_base_model() if hasattr(model, "get_base_model") else model).activation_checkpointing_enable()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=None)
     batch_data = glm_batch(config, batch, seq, device)
-    autocast = torch.autocast(device_type="cuda", dtype=dtype) if device.startswith("cuda") and dtype != torch.float32 \
-        else torch.autocast(device_type="cpu", enabled=False)
+    on_gpu = device.startswith("cuda")
+    autocast = torch.autocast(device_type="cuda" if on_gpu else "cpu", dtype=dtype, enabled=dtype != torch.float32)
 
     def step() -> None:
         with autocast:
@@ -65,7 +69,6 @@ def bench_train(size: str, method: str, seq: int, batch: int, steps: int, device
     peak_flops = gpu_peak_flops(device)
     if peak_flops:
         result["mfu"] = train_flops_per_token(model, config, seq) * tokens / peak_flops
-    del model, optimizer, setup
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     return result

@@ -23,11 +23,14 @@ def remove_weight_files(folder: str | os.PathLike, keep: str) -> None:
     other = ".safetensors" if keep == "bin" else ".bin"
     for path in folder.iterdir():
         stem = path.name
-        if stem.startswith(("pytorch_model", "model")) and (stem.endswith(other) or stem.endswith(other + ".index.json")):
+        is_weights = stem.startswith(("pytorch_model", "model"))
+        if is_weights and (stem.endswith(other) or stem.endswith(other + ".index.json")):
             path.unlink()
 
 
-def save_bin_checkpoint(state: dict[str, torch.Tensor], folder: str | os.PathLike, max_shard_size: str | int = "10GB") -> list[str]:
+def save_bin_checkpoint(
+    state: dict[str, torch.Tensor], folder: str | os.PathLike, max_shard_size: str | int = "10GB"
+) -> list[str]:
     """Write ``state`` as ``pytorch_model.bin``, or as numbered shards with ``pytorch_model.bin.index.json``.
 
     Each file is written to a temporary name and renamed, so an interrupted save never leaves a truncated

@@ -49,7 +49,8 @@ class ChatGLMConfig(PreTrainedConfig):
         """Fail early, with a message naming the field, on shapes the model cannot build."""
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
-                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads ({self.num_attention_heads})"
+                f"hidden_size ({self.hidden_size}) must be divisible by "
+                f"num_attention_heads ({self.num_attention_heads})"
             )
         head_dim = self.hidden_size // self.num_attention_heads
         if self.position_encoding_2d and head_dim % 4:
@@ -63,6 +64,18 @@ class ChatGLMConfig(PreTrainedConfig):
             )
         if self.pre_seq_len is not None and self.pre_seq_len <= 0:
             raise ValueError(f"pre_seq_len must be a positive integer or None, got {self.pre_seq_len}")
+
+
+def vocabulary_fields(tokenizer) -> dict[str, int]:
+    """The config fields a model takes from its tokenizer: vocabulary size and special token ids."""
+    return {
+        "vocab_size": len(tokenizer.get_vocab()),
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "mask_token_id": tokenizer.mask_token_id,
+        "gmask_token_id": tokenizer.gmask_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
 
 
 MODEL_AUTO_MAP = {

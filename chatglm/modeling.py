@@ -561,7 +561,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, ChatGLMGenerationM
         index past ``max_shard_size``); the default writes ``model.safetensors`` with the same keys.
         """
         self._check_consistent_quantization()
-        state = self.public_state_dict()
+        state = self.public_state_dict(copy_tied=safe_serialization)  # safetensors cannot share storage
         if safe_serialization:
             remove_weight_files(save_directory, keep="safetensors")
             return super().save_pretrained(save_directory, *args, state_dict=state, **kwargs)
@@ -572,10 +572,12 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, ChatGLMGenerationM
             self.generation_config.save_pretrained(save_directory)
         save_bin_checkpoint(state, save_directory, max_shard_size=kwargs.get("max_shard_size", "10GB"))
 
-    def public_state_dict(self) -> dict[str, torch.Tensor]:
-        """The state dict with the key set of the public checkpoints (tied head copied, per-layer inv_freq)."""
+    def public_state_dict(self, copy_tied: bool = False) -> dict[str, torch.Tensor]:
+        """The state dict with the key set of the public checkpoints: ``lm_head.weight`` next to the embedding
+        (the same storage, stored once by ``torch.save``, unless ``copy_tied``) and each layer's ``inv_freq``."""
         state = dict(self.state_dict())
-        state["lm_head.weight"] = state["lm_head.weight"].clone()
+        if copy_tied:
+            state["lm_head.weight"] = state["lm_head.weight"].clone()
         inv_freq = self.transformer.rotary_emb.inv_freq.detach().to(torch.float16)
         for i in range(self.config.num_layers):
             state[f"transformer.layers.{i}.attention.rotary_emb.inv_freq"] = inv_freq.clone()

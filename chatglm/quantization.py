@@ -114,7 +114,9 @@ class QuantizedLinear(nn.Module):
             raise ValueError(f"INT4 needs an even number of input features, got {in_features}")
         self.in_features, self.out_features, self.bits = in_features, out_features, bits
         stored = in_features * bits // 8
-        self.weight = nn.Parameter(torch.empty(out_features, stored, dtype=torch.int8, device=device), requires_grad=False)
+        self.weight = nn.Parameter(
+            torch.empty(out_features, stored, dtype=torch.int8, device=device), requires_grad=False
+        )
         self.weight_scale = nn.Parameter(
             torch.empty(out_features, dtype=torch.float16, device=device), requires_grad=False
         )
@@ -172,7 +174,10 @@ class QuantizedLinear(nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, bias={self.bias is not None}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+            f"bias={self.bias is not None}"
+        )
 
 
 def quantize_linears(module: nn.Module, bits: int, names: tuple[str, ...] = QUANTIZABLE_LINEARS) -> int:

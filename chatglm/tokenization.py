@@ -29,7 +29,6 @@ from transformers.tokenization_python import PreTrainedTokenizer
 from transformers.tokenization_utils_base import VERY_LARGE_INTEGER, BatchEncoding, EncodedInput
 from transformers.utils import PaddingStrategy
 
-
 VOCAB_FILES_NAMES = {"vocab_file": "ice_text.model"}
 TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
 

@@ -92,7 +92,9 @@ def load_model(
     if quantization_bit:
         current = model.config.quantization_bit
         if current and current != quantization_bit:
-            raise ValueError(f"{name_or_path} is already quantized to {current} bits; cannot make it {quantization_bit}")
+            raise ValueError(
+                f"{name_or_path} is already quantized to {current} bits; cannot make it {quantization_bit}"
+            )
         if not current:
             model.quantize(quantization_bit)
     tokenizer = AutoTokenizer.from_pretrained(folder)

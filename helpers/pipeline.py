@@ -16,10 +16,10 @@ from transformers import set_seed
 
 from .data import EncodedDataset, get_task, load_split
 from .evaluation import evaluate, heldout_texts, perplexity
+from .files import write_json
 from .methods import METHODS, apply_method
 from .models import load_model
 from .plotting import load_runs, write_comparison
-from .files import write_json
 from .training import is_main_process, train
 
 # Method options used unless given: the original course's choices where they fit every model size.

@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 
 from chatglm import ChatGLMConfig, ChatGLMForConditionalGeneration, ChatGLMTokenizer
-from chatglm.configuration import MODEL_AUTO_MAP
+from chatglm.configuration import MODEL_AUTO_MAP, vocabulary_fields
 from chatglm.vocab import train_compatible_vocab, write_tokenizer_files
 
-from .data import IGNORE_INDEX, Collator, TASKS, read_examples
+from .data import IGNORE_INDEX, TASKS, Collator, read_examples
 from .paths import DATA_DIR, cache_root
 
 BUILD_VERSION = 1  # bump when the build code changes in a way that changes the result
@@ -85,17 +85,12 @@ def _vocab_texts() -> list[str]:
 
 def _config(recipe: TinyRecipe, tokenizer: ChatGLMTokenizer) -> ChatGLMConfig:
     return ChatGLMConfig(
-        vocab_size=len(tokenizer.get_vocab()),
         hidden_size=recipe.hidden_size,
         num_layers=recipe.num_layers,
         num_attention_heads=recipe.num_attention_heads,
         inner_hidden_size=recipe.inner_hidden_size,
         max_sequence_length=recipe.max_sequence_length,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        mask_token_id=tokenizer.mask_token_id,
-        gmask_token_id=tokenizer.gmask_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        **vocabulary_fields(tokenizer),
     )
 
 

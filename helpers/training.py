@@ -29,8 +29,8 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import ProgressCallback
-from transformers.utils.notebook import NotebookProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
+from transformers.utils.notebook import NotebookProgressCallback
 
 from .data import Collator
 from .files import read_history, write_json
@@ -44,7 +44,10 @@ HISTORY_FIELDS = ("step", "epoch", "loss", "learning_rate", "grad_norm", "elapse
 
 @dataclass
 class TrainingConfig:
-    """Hyper-parameters of a run (sizes are per device; the effective batch is ``batch_size * accumulation * devices``)."""
+    """Hyper-parameters of a run.
+
+    Sizes are per device: the effective batch is ``batch_size * gradient_accumulation_steps * devices``.
+    """
 
     max_steps: int = 100
     batch_size: int = 8
@@ -320,7 +323,8 @@ def train(
 
     writers = []
     if main_process:
-        writers = [HistoryCallback(run_dir, resumed_step), TensorBoardCallback(SummaryWriter(log_dir=str(run_dir / "tb")))]
+        tensorboard = TensorBoardCallback(SummaryWriter(log_dir=str(run_dir / "tb")))
+        writers = [HistoryCallback(run_dir, resumed_step), tensorboard]
     trainer = CourseTrainer(
         model=model,
         args=args,

@@ -78,14 +78,9 @@ def small_tokenizer(tmp_path_factory):
 
 def model_for(tokenizer, seed: int = 0, bits: int = 0, **overrides) -> ChatGLMForConditionalGeneration:
     """A tiny random model whose vocabulary and special ids are those of ``tokenizer``."""
-    ids = dict(
-        vocab_size=len(tokenizer.get_vocab()),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        mask_token_id=tokenizer.mask_token_id,
-        gmask_token_id=tokenizer.gmask_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    from chatglm.configuration import vocabulary_fields
+
+    ids = vocabulary_fields(tokenizer)
     return random_model(seed=seed, bits=bits, **{**ids, **overrides})
 
 

@@ -70,7 +70,9 @@ def test_saved_files_have_public_layout(tmp_path, bits, safe):
 def test_round_trip_gives_identical_logits(tmp_path, bits, safe):
     model = random_model(bits=bits)
     model.save_pretrained(tmp_path, safe_serialization=safe)
-    loaded, info = ChatGLMForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.float32, output_loading_info=True)
+    loaded, info = ChatGLMForConditionalGeneration.from_pretrained(
+        tmp_path, dtype=torch.float32, output_loading_info=True
+    )
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     assert loaded.lm_head.weight is loaded.transformer.word_embeddings.weight
     ids = torch.tensor([glm_ids([10, 11, 12], [20, 21])])
@@ -113,7 +115,8 @@ def test_known_configs_match_public_files():
     assert raw["auto_map"]["AutoModel"] == "modeling_chatglm.ChatGLMForConditionalGeneration"
     config = ChatGLMConfig(**raw)
     assert (config.vocab_size, config.hidden_size, config.num_layers, config.quantization_bit) == (130528, 4096, 28, 4)
-    assert (config.bos_token_id, config.eos_token_id, config.gmask_token_id, config.pad_token_id) == (130004, 130005, 130001, 3)
+    ids = (config.bos_token_id, config.eos_token_id, config.gmask_token_id, config.pad_token_id)
+    assert ids == (130004, 130005, 130001, 3)
     assert known_config("zai-org/chatglm-6b").quantization_bit == 0
     with pytest.raises(KeyError, match="known offline"):
         known_config("THUDM/chatglm2-6b")

@@ -254,7 +254,8 @@ def test_small_special_ids_come_from_vocab(
     small_tok: ChatGLMTokenizer, small_sp: spm.SentencePieceProcessor
 ) -> None:
     pieces = {
-        "bos": "<sop>", "eos": "<eop>", "pad": "<pad>", "unk": "<unk>", "mask": "[MASK]", "gmask": "[gMASK]", "end": "</s>"
+        "bos": "<sop>", "eos": "<eop>", "pad": "<pad>", "unk": "<unk>",
+        "mask": "[MASK]", "gmask": "[gMASK]", "end": "</s>"
     }
     for name, piece in pieces.items():
         assert getattr(small_tok, f"{name}_token_id") == small_sp.piece_to_id(piece), name

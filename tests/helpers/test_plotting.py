@@ -20,7 +20,8 @@ def write_run(root: Path, name: str, method: str, losses=(2.0, 1.5, 1.0), metric
         "name": name, "method": method, "method_options": {}, "task": "ie", "model": "tiny", "quantization_bit": 4,
         "device": "cpu", "dtype": "float32", "hyperparameters": {"learning_rate": 1e-3}, "seed": 0,
         "versions": {}, "trainable_params": trainable, "all_params": 200_000, "status": "finished",
-        "train_runtime_s": 12.5, "peak_memory_bytes": 3 * (1 << 20), "peak_memory_kind": "rss", "memory_at_start_bytes": 1 << 20,
+        "train_runtime_s": 12.5, "peak_memory_bytes": 3 * (1 << 20), "peak_memory_kind": "rss",
+        "memory_at_start_bytes": 1 << 20,
         "global_step": len(losses), "final_loss": losses[-1] if losses else None,
     }
     (folder / "run.json").write_text(json.dumps(info), encoding="utf-8")
