@@ -31,7 +31,7 @@ from chatglm.vocab import train_compatible_vocab, write_tokenizer_files
 from .data import IGNORE_INDEX, TASKS, Collator, read_examples
 from .paths import DATA_DIR, cache_root
 
-BUILD_VERSION = 1  # bump when the build code changes in a way that changes the result
+BUILD_VERSION = 2  # bump when the build code changes in a way that changes the result
 
 
 @dataclass(frozen=True)
