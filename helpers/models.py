@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -100,6 +101,17 @@ def load_model(
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model.config.name_or_path = name_or_path  # what run records and reloads refer to
     return model.eval(), tokenizer
+
+
+def is_small_model(model) -> bool:
+    """Whether ``model`` (``"tiny"``, a checkpoint folder, or a loaded model) is a small stand-in, not ChatGLM-6B."""
+    if isinstance(model, (str, Path)):
+        if str(model) == "tiny":
+            return True
+        config = Path(model).expanduser() / "config.json"
+        return config.is_file() and json.loads(config.read_text(encoding="utf-8")).get("hidden_size", 0) < 1024
+    config = getattr(model, "config", None) or model.get_base_model().config
+    return config.hidden_size < 1024
 
 
 def meta_model(name: str = "THUDM/chatglm-6b-int4", **config_overrides) -> ChatGLMForConditionalGeneration:

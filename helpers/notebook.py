@@ -24,18 +24,14 @@ from transformers import TrainerCallback
 from .data import IGNORE_INDEX, TASKS, Example, Task, encode_example, get_task
 from .files import write_json
 from .methods import METHODS, apply_method
-from .models import default_dtype, meta_model
-from .pipeline import LEARNING_RATES, TINY_LENGTHS, TINY_TRAINING, run_method
+from .models import default_dtype, is_small_model, meta_model
+from .pipeline import TINY_LENGTHS, run_method, training_defaults
 from .plotting import METHOD_COLORS, Run, comparison_markdown, comparison_rows, plot_comparison, smooth
 
 REAL_MODEL = "THUDM/chatglm-6b-int4"
 ENV_PREFIX = "COURSE_"
 GIB = 1 << 30
 GPUS_GIB = {"T4 (16 GB)": 15.0, "A100 (40 GB)": 39.5}  # memory a training process can use, GiB
-# Starting points for the real model (not tuned here): LayerNorms and prefixes take larger steps.
-REAL_LEARNING_RATES = {"freeze": 1e-3, "freeze_dequantized": 1e-4, "embedding": 1e-4, "ptuning_v2": 2e-2,
-                       "lora": 2e-4}
-REAL_TRAINING = {"max_steps": 200, "warmup_steps": 20, "save_steps": 50}
 TOY_BANNER = """\
 +------------------------------------------------------------------------------------------+
 |  TOY MODE: no GPU here, so this notebook uses the embedded TINY ChatGLM.                 |
@@ -187,15 +183,7 @@ def params_from_env(environ: Mapping[str, str] | None = None, **defaults: Any) -
 
 def is_toy(model: Any) -> bool:
     """Whether a model (name, folder or loaded model) is a tiny stand-in rather than ChatGLM-6B."""
-    if isinstance(model, (str, os.PathLike)):
-        if str(model) == "tiny":
-            return True
-        config = Path(model).expanduser() / "config.json"
-        if config.is_file():
-            return json.loads(config.read_text(encoding="utf-8")).get("hidden_size", 0) < 1024
-        return False
-    config = getattr(model, "config", None) or model.get_base_model().config
-    return config.hidden_size < 1024
+    return is_small_model(model)
 
 
 def choose_model(requested: str | None = None, default_gpu: str = REAL_MODEL) -> tuple[str, str]:
@@ -221,15 +209,12 @@ def training_options(method: str, toy: bool, steps: int | None = None, dequantiz
     On a GPU with under 30 GiB (T4) the batch shrinks to 1 with 8 accumulation steps and gradient checkpointing,
     so the effective batch stays 8.
     """
-    key = "freeze_dequantized" if method == "freeze" and dequantized else method
-    if toy:
-        rate = 2e-3 if key == "freeze_dequantized" else LEARNING_RATES[method]
-        options = {**TINY_TRAINING, "learning_rate": rate}
-    else:
+    options = training_defaults(method, toy, dequantized)
+    if not toy:
         memory = gpu_memory_gib if gpu_memory_gib is not None else runtime_info()["gpu_memory_gib"] or 0
         big = memory >= 30
-        options = {**REAL_TRAINING, "learning_rate": REAL_LEARNING_RATES[key], "batch_size": 4 if big else 1,
-                   "gradient_accumulation_steps": 2 if big else 8, "gradient_checkpointing": not big}
+        options.update(batch_size=4 if big else 1, gradient_accumulation_steps=2 if big else 8,
+                       gradient_checkpointing=not big)
     if steps:
         options.update(max_steps=steps, warmup_steps=min(options["warmup_steps"], steps // 5),
                        save_steps=min(options["save_steps"], steps))
@@ -588,8 +573,7 @@ def quick_runs(model: str, task: str, runs_dir: str | os.PathLike, steps: int | 
     for method in methods:
         folder = Path(runs_dir) / f"{method}-{task}"
         run_method(model, task, method, folder, training=training_options(method, toy, steps),
-                   lengths=TINY_LENGTHS if toy else None, eval_limit=eval_limit,
-                   resume=False)
+                   eval_limit=eval_limit, resume=False)
         folders.append(folder)
     return folders
 
