@@ -8,15 +8,25 @@ A :class:`QuantizedLinear` keeps only the packed bytes and the scales. Its forwa
 the fly into the input's dtype (no persistent floating-point copy) and its backward returns the gradient
 of the input, so frozen quantized layers pass gradients on to LoRA adapters, prefixes, embeddings and
 LayerNorms. Pure PyTorch, so it runs on any device and dtype.
+
+On CUDA, INT4 layers with fp16/bf16/fp32 inputs use the fused Triton kernels of :mod:`chatglm.int4_triton` when
+``triton`` imports (same results up to the order of fp32 sums). ``CHATGLM_INT4_KERNEL=torch`` forces the pure path,
+``CHATGLM_INT4_KERNEL=triton`` the Triton one (an error if it cannot run). INT8 layers always use the pure path.
 """
 
 from __future__ import annotations
+
+import functools
+import os
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 QUANTIZABLE_LINEARS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
+KERNEL_ENV = "CHATGLM_INT4_KERNEL"  # "torch", "triton", or unset / "auto"
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _check_bits(bits: int) -> None:
@@ -73,14 +83,59 @@ def dequantize_weight(qweight: torch.Tensor, scale: torch.Tensor, bits: int, dty
     return weight if exact else weight.to(dtype)
 
 
+@functools.cache
+def _triton_kernels() -> ModuleType | Exception:
+    """The module of fused kernels, or the error that prevents importing it (imported on first need only)."""
+    try:
+        from chatglm import int4_triton
+    except Exception as exc:  # ImportError, or a triton install that fails while loading
+        return exc
+    return int4_triton
+
+
+def int4_kernel(bits: int, device: torch.device | str, dtype: torch.dtype) -> str:
+    """Which matmul a quantized layer runs for inputs of ``dtype`` on ``device``: ``"triton"`` or ``"torch"``.
+
+    Automatic: Triton for INT4 on CUDA when ``triton`` imports, else pure PyTorch. ``CHATGLM_INT4_KERNEL`` forces
+    one; forcing ``triton`` raises if it cannot run (no ``triton``, or CPU tensors outside ``TRITON_INTERPRET=1``).
+    INT8 layers and inputs other than fp16/bf16/fp32 always take the pure path.
+    """
+    raw = os.environ.get(KERNEL_ENV, "")
+    choice = raw.strip().lower() or "auto"
+    if choice not in ("auto", "torch", "triton"):
+        raise ValueError(f"environment variable {KERNEL_ENV}={raw!r} is not an INT4 kernel: set it to 'torch' or "
+                         f"'triton', or unset it to choose automatically (Triton on CUDA when installed)")
+    device = torch.device(device)
+    if choice == "torch" or bits != 4 or dtype not in _TRITON_DTYPES or (choice == "auto" and device.type != "cuda"):
+        return "torch"
+    kernels = _triton_kernels()
+    if choice == "auto":
+        return "torch" if isinstance(kernels, Exception) else "triton"
+    if isinstance(kernels, Exception):
+        raise RuntimeError(f"{KERNEL_ENV}=triton but the Triton kernels cannot be loaded ({kernels!r}): install "
+                           f"triton (`pip install triton`, Linux) or unset {KERNEL_ENV} to use pure PyTorch")
+    if device.type != "cuda" and not kernels.interpreting():
+        raise RuntimeError(f"{KERNEL_ENV}=triton but the input is on {device}: the Triton kernels need CUDA tensors, "
+                           f"or TRITON_INTERPRET=1 set before triton is imported to run them on the CPU; or unset "
+                           f"{KERNEL_ENV}")
+    return "triton"
+
+
 class _QuantizedMatmul(torch.autograd.Function):
     """``x @ W.T`` with W unpacked on the fly, forward and backward; W itself never gets a gradient."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
-        weight = dequantize_weight(qweight, scale, bits, x.dtype)
         ctx.save_for_backward(qweight, scale)
         ctx.bits = bits
+        device_type = x.device.type
+        # Under autocast F.linear computes in the autocast dtype; the Triton path casts its input to match.
+        autocast = device_type in ("cuda", "cpu") and x.is_floating_point() and torch.is_autocast_enabled(device_type)
+        dtype = torch.get_autocast_dtype(device_type) if autocast else x.dtype
+        ctx.kernel = int4_kernel(bits, x.device, dtype)
+        if ctx.kernel == "triton":
+            return _triton_kernels().int4_linear(x.to(dtype), qweight, scale)
+        weight = dequantize_weight(qweight, scale, bits, x.dtype)
         return F.linear(x, weight)
 
     @staticmethod
@@ -88,6 +143,8 @@ class _QuantizedMatmul(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
         qweight, scale = ctx.saved_tensors
+        if ctx.kernel == "triton":
+            return _triton_kernels().int4_linear_input_grad(grad_out, qweight, scale), None, None, None
         weight = dequantize_weight(qweight, scale, ctx.bits, grad_out.dtype)
         return grad_out @ weight, None, None, None
 
