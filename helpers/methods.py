@@ -3,20 +3,52 @@
 Every function decides which parameters train, keeps those in fp32 (the frozen base stays INT4/fp16/bf16)
 and returns a :class:`MethodSetup`: the (possibly wrapped) model plus what was made trainable, printed as the
 original course's line ``trainable params: N || all params: M || trainable%: P``.
+
+:data:`METHOD_DEFAULTS` is the one table of method options; :func:`resolve_method_options` fills in and checks
+options against a model's configuration (no weights needed), and every method function goes through it. A model
+takes one method: applying a second one raises :class:`~helpers.errors.UserError` (load the base model again).
 """
 
 from __future__ import annotations
 
+import math
+import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import torch
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from chatglm.lora import lora_config
 from chatglm.quantization import QUANTIZABLE_LINEARS, QuantizedLinear
 
-METHODS = ("freeze", "embedding", "ptuning_v2", "lora")
+from .errors import UserError
+
+# The method options used unless given: the original course's choices. ``chatglm.lora.lora_config`` keeps its own
+# library defaults (it is the model package, usable without this course); the helpers always pass every value.
+METHOD_DEFAULTS: dict[str, dict] = {
+    "freeze": {"layers": 5, "dequantize": False},
+    "embedding": {},
+    "ptuning_v2": {"pre_seq_len": 16, "prefix_projection": True},
+    "lora": {"r": 8, "alpha": 32, "dropout": 0.1, "target_modules": ("query_key_value",)},
+}
+METHODS = tuple(METHOD_DEFAULTS)
+
+# How the command line spells each option (error messages name both spellings).
+OPTION_FLAGS = {
+    "layers": "--layers",
+    "dequantize": "--dequantize",
+    "pre_seq_len": "--pre-seq-len",
+    "prefix_projection": "--no-projection",
+    "r": "--r",
+    "alpha": "--alpha",
+    "dropout": "--lora-dropout",
+    "target_modules": "--target-modules",
+}
+APPLIED_ATTRIBUTE = "applied_method"  # set on a model once a method is applied to it
 
 
 @dataclass
@@ -98,19 +130,158 @@ def _glm(model: nn.Module):
     return getattr(model, "transformer", model)
 
 
-def freeze(model: nn.Module, layers: int = 5, dequantize: bool = False) -> MethodSetup:
-    """Train only the last ``layers`` GLM blocks.
+# ----------------------------------------------------------------------------------------------------------
+# Options: defaults, overrides, checks against the model's configuration
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _spelled(name: str) -> str:
+    return f"{name} ({OPTION_FLAGS[name]})" if name in OPTION_FLAGS else name
+
+
+@lru_cache(maxsize=1)
+def lora_target_names() -> tuple[str, ...]:
+    """The linear layers of a GLM block that LoRA can target, e.g. ``attention.query_key_value``.
+
+    Read from a block built on the ``meta`` device, so the list is the model's own (nothing is allocated).
+    """
+    from chatglm import ChatGLMConfig
+    from chatglm.modeling import GLMBlock
+
+    with torch.device("meta"):
+        block = GLMBlock(ChatGLMConfig(), 0)
+    return tuple(name for name, module in block.named_modules() if isinstance(module, nn.Linear))
+
+
+def _integer(name: str, value, low: int, high: int, why: str = "") -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not low <= value <= high:
+        raise UserError(f"{_spelled(name)} must be an integer between {low} and {high}{why}, got {value!r}")
+    return int(value)
+
+
+def _flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise UserError(f"{_spelled(name)} must be True or False, got {value!r}")
+    return value
+
+
+def _number(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise UserError(f"{_spelled(name)} must be a finite number, got {value!r}")
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
+
+
+def _target_modules(value) -> list[str]:
+    names = value.split(",") if isinstance(value, str) else value
+    valid = lora_target_names()
+    short = [n.rsplit(".", 1)[-1] for n in valid]
+    hint = f"choose from {', '.join(short)} (or their full names {', '.join(valid)})"
+    if not isinstance(names, Sequence) or not names or not all(isinstance(n, str) for n in names):
+        raise UserError(f"{_spelled('target_modules')} must be one or more layer names; {hint}; got {value!r}")
+    names = [n.strip() for n in names]
+    unknown = [n for n in names if n not in valid and n not in short]
+    if unknown:
+        raise UserError(f"{_spelled('target_modules')}: ChatGLM's blocks have no layer {unknown[0]!r}; {hint}")
+    return list(dict.fromkeys(names))
+
+
+def _check_option_names(method: str, options: dict) -> None:
+    unknown = [k for k in options if k not in METHOD_DEFAULTS[method]]
+    if unknown:
+        valid = ", ".join(_spelled(k) for k in METHOD_DEFAULTS[method]) or "none"
+        raise UserError(f"{method} has no option {unknown[0]!r}; its options are: {valid}")
+
+
+def resolve_method_options(method: str, overrides: dict | None, config) -> dict:
+    """The options of ``method`` for a model of ``config``: :data:`METHOD_DEFAULTS` updated by ``overrides``.
+
+    ``config`` is a ``ChatGLMConfig`` (or anything with ``num_layers``, ``hidden_size`` and
+    ``max_sequence_length``); no weights are needed. An override of ``None`` means "not given". Every value is
+    checked and a bad one raises :class:`UserError` naming the option as the API and the command line spell it.
+    The freeze default (5 layers) becomes the model's layer count on a model with fewer layers, and the returned
+    options say so (``layers`` holds the number that trains); an explicit ``layers`` out of range is an error.
+    ``target_modules`` comes back as a list (as stored in run records).
+    """
+    if method not in METHOD_DEFAULTS:
+        raise UserError(f"unknown method {method!r} (--method); choose one of {', '.join(METHODS)}")
+    config = getattr(config, "config", config)  # a model is accepted too
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    _check_option_names(method, given)
+    options = {**METHOD_DEFAULTS[method], **given}
+    if method == "freeze":
+        layers = config.num_layers
+        if "layers" not in given:
+            options["layers"] = min(options["layers"], layers)
+        options["layers"] = _integer("layers", options["layers"], 1, layers, f" (the model has {layers} layers)")
+        options["dequantize"] = _flag("dequantize", options["dequantize"])
+    elif method == "ptuning_v2":
+        limit = config.max_sequence_length // 2
+        why = f" (half the model's max_sequence_length {config.max_sequence_length}, so the text keeps room)"
+        options["pre_seq_len"] = _integer("pre_seq_len", options["pre_seq_len"], 1, limit, why)
+        options["prefix_projection"] = _flag("prefix_projection", options["prefix_projection"])
+    elif method == "lora":
+        width = config.hidden_size
+        options["r"] = _integer("r", options["r"], 1, width, " (the model's hidden_size; a larger rank adds nothing)")
+        options["alpha"] = _number("alpha", options["alpha"])
+        options["dropout"] = _number("dropout", options["dropout"])
+        if options["alpha"] <= 0:
+            raise UserError(f"{_spelled('alpha')} must be greater than 0 (the adapter's update is scaled by "
+                            f"alpha / r; 0 would make it do nothing), got {options['alpha']!r}")
+        if not 0 <= options["dropout"] < 1:
+            raise UserError(f"{_spelled('dropout')} must be at least 0 and below 1, got {options['dropout']!r}")
+        options["target_modules"] = _target_modules(options["target_modules"])
+    return options
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One method per model
+# ----------------------------------------------------------------------------------------------------------
+
+
+def applied_method(model: nn.Module) -> str | None:
+    """The method already applied to ``model`` (by its mark, a peft wrapper, LoRA layers or a prefix), or None."""
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    for owner in (model, base, _glm(base)):
+        mark = getattr(owner, APPLIED_ATTRIBUTE, None)
+        if isinstance(mark, str):
+            return mark
+    if isinstance(model, PeftModel) or any(isinstance(m, BaseTunerLayer) for m in base.modules()):
+        return "lora"
+    if getattr(_glm(base), "prefix_encoder", None) is not None:
+        return "ptuning_v2"
+    return None
+
+
+def _refuse_second_method(model: nn.Module, method: str) -> None:
+    present = applied_method(model)
+    if present is not None:
+        raise UserError(f"this model already has {present} applied; load the base model again "
+                        f"(helpers.load_model(...)) before applying {method}")
+
+
+def _mark(model: nn.Module, method: str) -> None:
+    for owner in (model, _glm(model)):
+        setattr(owner, APPLIED_ATTRIBUTE, method)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The methods
+# ----------------------------------------------------------------------------------------------------------
+
+
+def freeze(model: nn.Module, layers: int | None = None, dequantize: bool | None = None) -> MethodSetup:
+    """Train only the last ``layers`` GLM blocks (default: :data:`METHOD_DEFAULTS`).
 
     On a quantized model the INT4/INT8 matrices cannot take gradients, so — as in the original course —
     only those blocks' LayerNorms train (81,920 parameters at full size). ``dequantize=True`` first turns the
     blocks' quantized matrices into fp32 ``nn.Linear`` layers, so the whole blocks train.
     """
+    _refuse_second_method(model, "freeze")
+    options = resolve_method_options("freeze", {"layers": layers, "dequantize": dequantize}, _glm(model).config)
     blocks = _glm(model).layers
-    if not 1 <= layers <= len(blocks):
-        raise ValueError(f"layers must be between 1 and {len(blocks)}, got {layers}")
     _freeze_all(model)
-    first = len(blocks) - layers
-    if dequantize:
+    first = len(blocks) - options["layers"]
+    if options["dequantize"]:
         for block in blocks[first:]:
             for parent in (block.attention, block.mlp):
                 for name in QUANTIZABLE_LINEARS:
@@ -128,56 +299,77 @@ def freeze(model: nn.Module, layers: int = 5, dequantize: bool = False) -> Metho
         if index >= first and not is_matrix_of_quantized_layer and not isinstance(owner, QuantizedLinear):
             names.append(name)
     _train_in_fp32(model, names)
-    return MethodSetup(model, "freeze", {"layers": layers, "dequantize": dequantize}, names)
+    _mark(model, "freeze")
+    return MethodSetup(model, "freeze", options, names)
 
 
 def embedding(model: nn.Module) -> MethodSetup:
     """Train only the word embeddings (shared with the output layer, so both ends of the model move)."""
+    _refuse_second_method(model, "embedding")
+    options = resolve_method_options("embedding", None, _glm(model).config)
     _freeze_all(model)
     name = next(n for n, p in model.named_parameters() if p is _glm(model).word_embeddings.weight)
     _train_in_fp32(model, [name])
-    return MethodSetup(model, "embedding", {}, [name])
+    _mark(model, "embedding")
+    return MethodSetup(model, "embedding", options, [name])
 
 
-def ptuning_v2(model: nn.Module, pre_seq_len: int = 16, prefix_projection: bool = True) -> MethodSetup:
-    """Train only a P-Tuning v2 prefix: ``pre_seq_len`` learned keys/values in front of every layer."""
+def ptuning_v2(model: nn.Module, pre_seq_len: int | None = None, prefix_projection: bool | None = None) -> MethodSetup:
+    """Train only a P-Tuning v2 prefix: ``pre_seq_len`` learned keys/values in front of every layer.
+
+    A model built with a prefix (``pre_seq_len`` in its config) and no method applied keeps that prefix and trains
+    it, provided the options match it.
+    """
     glm = _glm(model)
-    if getattr(glm, "prefix_encoder", None) is None:
-        glm.add_prefix_encoder(pre_seq_len, prefix_projection)
-    elif (glm.config.pre_seq_len, glm.config.prefix_projection) != (pre_seq_len, prefix_projection):
-        raise ValueError(
-            f"the model already has a prefix (pre_seq_len={glm.config.pre_seq_len}, "
-            f"prefix_projection={glm.config.prefix_projection}); load the base model again to change it"
-        )
+    options = resolve_method_options(
+        "ptuning_v2", {"pre_seq_len": pre_seq_len, "prefix_projection": prefix_projection}, glm.config
+    )
+    wanted = (options["pre_seq_len"], options["prefix_projection"])
+    own_prefix = getattr(glm, "prefix_encoder", None) is not None and getattr(glm, APPLIED_ATTRIBUTE, None) is None
+    if own_prefix and not isinstance(model, PeftModel):
+        if (glm.config.pre_seq_len, glm.config.prefix_projection) != wanted:
+            raise UserError(
+                f"the model already has a prefix (pre_seq_len={glm.config.pre_seq_len}, "
+                f"prefix_projection={glm.config.prefix_projection}); load the base model again to change it"
+            )
+    else:
+        _refuse_second_method(model, "ptuning_v2")
+        glm.add_prefix_encoder(*wanted)
     _freeze_all(model)
     names = [n for n, _ in model.named_parameters() if ".prefix_encoder." in f".{n}"]
     _train_in_fp32(model, names)
-    return MethodSetup(model, "ptuning_v2", {"pre_seq_len": pre_seq_len, "prefix_projection": prefix_projection}, names)
+    _mark(model, "ptuning_v2")
+    return MethodSetup(model, "ptuning_v2", options, names)
 
 
 def lora(
     model: nn.Module,
-    r: int = 8,
-    alpha: int = 32,
-    dropout: float = 0.1,
-    target_modules: tuple[str, ...] = ("query_key_value",),
+    r: int | None = None,
+    alpha: float | None = None,
+    dropout: float | None = None,
+    target_modules: Sequence[str] | str | None = None,
 ) -> MethodSetup:
     """Add LoRA adapters (rank ``r``, scaling ``alpha / r``) through peft; only the adapters train.
 
-    Returns a setup whose ``model`` is the peft wrapper (``PeftModel``).
+    Defaults come from :data:`METHOD_DEFAULTS`. Returns a setup whose ``model`` is the peft wrapper (``PeftModel``).
     """
+    _refuse_second_method(model, "lora")
+    given = {"r": r, "alpha": alpha, "dropout": dropout, "target_modules": target_modules}
+    options = resolve_method_options("lora", given, _glm(model).config)
     _freeze_all(model)
-    config = lora_config(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=tuple(target_modules))
+    config = lora_config(r=options["r"], lora_alpha=options["alpha"], lora_dropout=options["dropout"],
+                         target_modules=tuple(options["target_modules"]))
     wrapped = get_peft_model(model, config)
     names = [n for n, p in wrapped.named_parameters() if p.requires_grad]
     _train_in_fp32(wrapped, names)
-    options = {"r": r, "alpha": alpha, "dropout": dropout, "target_modules": list(target_modules)}
+    _mark(model, "lora")
     return MethodSetup(wrapped, "lora", options, names)
 
 
 def apply_method(model: nn.Module, method: str, **options) -> MethodSetup:
-    """Dispatch by name (``freeze``, ``embedding``, ``ptuning_v2``, ``lora``)."""
+    """Dispatch by name (``freeze``, ``embedding``, ``ptuning_v2``, ``lora``); options as in each function."""
     functions = {"freeze": freeze, "embedding": embedding, "ptuning_v2": ptuning_v2, "lora": lora}
     if method not in functions:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        raise UserError(f"unknown method {method!r} (--method); choose one of {', '.join(METHODS)}")
+    _check_option_names(method, options)  # a clear message rather than a TypeError
     return functions[method](model, **options)
