@@ -3,9 +3,11 @@
 A row becomes ``prompt + text [gMASK] <sop> answer <eop>``; labels are -100 up to (not including) ``<sop>``,
 so the loss covers exactly the answer and its end token, as in the original course.
 
-Readers accept the public formats (SPO / doc2query JSON lines in both their ``text/answer`` and
-``instruction/input/output`` forms, FewCLUE TNEWS) and a user's own JSON lines with a field mapping. Bad input
-raises :class:`DataError` naming the file and line and what to fix.
+Readers accept, for every task, the public formats (SPO / doc2query JSON lines in both their ``text/answer`` and
+``instruction/input/output`` forms; FewCLUE TNEWS for classification) and a user's own JSON lines with a field
+mapping, in UTF-8 with or without a byte-order mark. Bad input raises :class:`DataError` (a
+:class:`~helpers.errors.UserError`) naming the file and line and what to fix; rows cut to the token limits and
+classification test labels never seen in training each give one warning.
 """
 
 from __future__ import annotations
@@ -16,19 +18,21 @@ import os
 import shutil
 import tempfile
 import urllib.request
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from .errors import UserError
 from .paths import DATA_DIR, cache_root
 
 IE_RELATIONS = ("性能故障", "部件故障", "组成", "检测工具")
 IGNORE_INDEX = -100
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A problem in a data file; the message names the file, the line and what to fix."""
 
 
@@ -73,29 +77,50 @@ def cls_prompt(labels: Sequence[str]) -> str:
 # ----------------------------------------------------------------------------------------------------------
 
 
+JSON_LINES_SUFFIXES = (".jsonl", ".json", ".ndjson")
+
+
+def _not_json_lines(path: Path, where: str, number: int, line: str, problem: str) -> DataError:
+    """The message for a line that is not one JSON object, with a hint when the whole file has another format."""
+    hint = "each line must be one JSON object, e.g. {\"text\": \"...\", \"answer\": \"...\"}"
+    if number == 1 and line.strip() in ("[", "{"):
+        hint = "the file looks like pretty-printed JSON; write one JSON object per line (JSON lines, .jsonl)"
+    elif number == 1 and line.lstrip().startswith("["):
+        hint = "the file is one JSON array; write one JSON object per line instead (JSON lines, .jsonl)"
+    elif path.suffix.lower() not in JSON_LINES_SUFFIXES:
+        hint = f"the file is {path.suffix or 'without extension'}, not JSON lines; give a .jsonl file"
+    return DataError(f"{where}: {problem}; {hint}")
+
+
 def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[str, dict]]:
-    """Yield ("file:line", object) for every non-empty line; malformed lines raise :class:`DataError`."""
+    """Yield ("file:line", object) for every non-empty line; malformed lines raise :class:`DataError`.
+
+    UTF-8 with or without a byte-order mark; a line that is not UTF-8 is named by its number.
+    """
     path = Path(path)
     try:
-        handle = path.open(encoding="utf-8")
+        handle = path.open("rb")
     except OSError as error:
         raise DataError(f"{path}: cannot read the file ({error.strerror or error})") from error
     with handle:
-        try:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{number}"
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise DataError(f"{where}: not valid JSON ({error.msg} at column {error.colno}); "
-                                    "each line must be one JSON object") from error
-                if not isinstance(row, dict):
-                    raise DataError(f"{where}: expected a JSON object per line, got {type(row).__name__}")
-                yield where, row
-        except UnicodeDecodeError as error:
-            raise DataError(f"{path}: not UTF-8 text ({error.reason}); save the file as UTF-8") from error
+        for number, raw in enumerate(handle, start=1):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as error:
+                raise DataError(f"{where}: not UTF-8 text ({error.reason} at byte {error.start + 1}); "
+                                "save the file as UTF-8") from error
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                problem = f"not valid JSON ({error.msg} at column {error.colno})"
+                raise _not_json_lines(path, where, number, line, problem) from error
+            if not isinstance(row, dict):
+                problem = f"expected a JSON object per line, got {type(row).__name__}"
+                raise _not_json_lines(path, where, number, line, problem)
+            yield where, row
 
 
 def _field(row: dict, name: str, where: str, kinds=(str,)):
@@ -152,8 +177,43 @@ TASKS = {
 
 def get_task(name: str) -> Task:
     if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
+        raise UserError(f"unknown task {name!r} (--task); choose one of {', '.join(TASKS)}")
     return TASKS[name]
+
+
+LAYOUTS = "text/answer, instruction/input/output, or FewCLUE TNEWS sentence/label (cls)"
+
+
+def cls_label(value, where: str, name: str = "label") -> str:
+    """The Chinese class name for a TNEWS label id (102), its ``label_desc`` (news_culture) or the name itself."""
+    key = str(value).strip()
+    label = CLS_LABELS.get(key, key if key in CLS_NAMES else None)
+    if label is None:
+        raise DataError(f"{where}: unknown label {value!r} in field {name!r}; expected one of the 15 TNEWS labels "
+                        f"(ids 100-116, e.g. 103 or news_sports) or their Chinese names ({', '.join(CLS_NAMES)})")
+    return label
+
+
+def _layout(row: dict, task: str, text_field: str | None, answer_field: str | None, where: str) -> tuple[str, str]:
+    """(text field, answer field) of one row: the user's mapping, else the first known layout the row has."""
+    if text_field is not None and answer_field is not None:
+        return text_field, answer_field
+    tnews_label = "label_desc" if "label_desc" in row else "label"
+    if "text" in row:
+        layout = ("text", tnews_label if task == "cls" and "answer" not in row and tnews_label in row else "answer")
+    elif "input" in row or "output" in row:
+        layout = ("input", "output")
+    elif "sentence" in row or task == "cls" and ("label" in row or "label_desc" in row):
+        if task != "cls":
+            raise DataError(f"{where}: a TNEWS classification row (sentence/label) in a {task} file; "
+                            f"use --task cls for it, or give {task} rows with text and answer fields")
+        layout = ("sentence", tnews_label)
+    elif text_field is not None:
+        layout = (text_field, "answer")
+    else:
+        raise DataError(f"{where}: missing field 'text' (fields present: {', '.join(row) or 'none'}); "
+                        f"accepted layouts: {LAYOUTS}")
+    return text_field or layout[0], answer_field or layout[1]
 
 
 def read_examples(
@@ -165,50 +225,42 @@ def read_examples(
 ) -> list[Example]:
     """Read a JSON-lines file of ``task`` into examples.
 
-    Known layouts are detected per row: ``text``/``answer`` (SPO, doc2query), ``instruction``/``input``/``output``
-    (later releases of the same data; the instruction is dropped because the task adds its own prompt) and
-    TNEWS (``sentence``/``label``). ``text_field``/``answer_field`` map a user's own field names. An answer may be
-    a list (several references, e.g. all questions of a document); training uses each as its own example
-    unless ``group_references`` is set (evaluation), which keeps one example with every reference.
+    Every task accepts every layout, detected per row: ``text``/``answer`` (SPO, doc2query),
+    ``instruction``/``input``/``output`` (later releases of the same data; the instruction is dropped because the
+    task adds its own prompt) and, for ``cls``, TNEWS (``sentence``/``label`` or ``label_desc``); a classification
+    answer may be a TNEWS id, its ``label_desc`` or the Chinese name. ``text_field``/``answer_field`` map a user's
+    own field names. An answer may be a list (several references, e.g. all questions of a document); training
+    uses each as its own example unless ``group_references`` is set (evaluation), which keeps one example with
+    every reference.
     """
     get_task(task)
     examples: list[Example] = []
     for where, row in read_jsonl(path):
-        if task == "cls" and answer_field is None:
-            text = _text(_field(row, text_field or "sentence", where), text_field or "sentence", where)
-            label = row.get("label_desc", row.get("label")) if "label" in row or "label_desc" in row else None
-            if label is None:
-                raise DataError(f"{where}: missing field 'label' (a TNEWS label id such as 102 or its label_desc)")
-            name = CLS_LABELS.get(str(label).strip(), str(label).strip() if str(label).strip() in CLS_NAMES else None)
-            if name is None:
-                raise DataError(f"{where}: unknown label {label!r}; expected one of the 15 TNEWS labels "
-                                f"(ids 100-116, e.g. 103 or news_sports) or their Chinese names")
-            examples.append(Example(text, name, (), where))
-            continue
-        if text_field is None and "text" not in row and "input" in row:
-            text_key, answer_key = "input", answer_field or "output"
-        else:
-            text_key, answer_key = text_field or "text", answer_field or "answer"
+        text_key, answer_key = _layout(row, task, text_field, answer_field, where)
         text = _text(_field(row, text_key, where), text_key, where)
-        answer = _field(row, answer_key, where, (str, list))
-        answers = [answer] if isinstance(answer, str) else answer
+        kinds = (str, int, list) if task == "cls" else (str, list)
+        answer = _field(row, answer_key, where, kinds)
+        answers = answer if isinstance(answer, list) else [answer]
+        if not all(isinstance(a, (str, int) if task == "cls" else str) for a in answers):
+            raise DataError(f"{where}: field {answer_key!r} must be a text or a list of texts")
+        if task == "cls":
+            if not answers:
+                raise DataError(f"{where}: field {answer_key!r} is empty; give the class label")
+            answers = [cls_label(a, where, answer_key) for a in answers]
         # For IE an empty answer is meaningful: the text holds no triple (the public data has such rows).
-        if not answers or not all(isinstance(a, str) and (a.strip() or task == "ie" and a == "") for a in answers):
+        elif not answers or not all(a.strip() or task == "ie" and a == "" for a in answers):
             raise DataError(f"{where}: field {answer_key!r} is empty; give the expected output text")
         if task == "ie":
             for one in answers:
                 if one:
                     _check_triples(one, where)
-        if task == "cls":
-            unknown = [a for a in answers if a not in CLS_NAMES]
-            if unknown:
-                raise DataError(f"{where}: unknown label {unknown[0]!r}; expected one of {', '.join(CLS_NAMES)}")
         if group_references:
             examples.append(Example(text, answers[0], tuple(answers), where))
         else:
             examples.extend(Example(text, a, (), where) for a in answers)
     if not examples:
-        raise DataError(f"{path}: no rows found; the file is empty")
+        raise DataError(f"{path}: no rows found; the file is empty (give JSON lines in one of the layouts: "
+                        f"{LAYOUTS})")
     return examples
 
 
@@ -225,7 +277,7 @@ def group_by_text(examples: Sequence[Example]) -> list[Example]:
 
 def bundled_path(task: str, split: str) -> Path:
     if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        raise UserError(f"split must be 'train' or 'test', got {split!r}")
     return DATA_DIR / get_task(task).name / f"{split}.jsonl"
 
 
@@ -234,10 +286,58 @@ def load_split(task: str, split: str, path: str | os.PathLike | None = None, lim
 
     Test splits are grouped by text so that each document keeps all its reference answers.
     """
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise UserError(f"limit (--eval-limit) must be a whole number of at least 1 (or left out for all rows), "
+                        f"got {limit!r}")
     examples = read_examples(path or bundled_path(task, split), task)
     if split == "test":
         examples = group_by_text(examples)
     return examples[:limit] if limit else examples
+
+
+def check_task_file(task: str, path: str | os.PathLike | None, split: str = "train") -> int:
+    """Check a data file of ``task`` without a model or tokenizer (JSON only, fast); returns its example count.
+
+    ``path=None`` checks the bundled file. Raises :class:`UserError` (:class:`DataError`) naming the file and line.
+    """
+    return len(_checked_split(task, path, split))
+
+
+def _checked_split(task: str, path: str | os.PathLike | None, split: str) -> list[Example]:
+    if path is not None:
+        file = Path(path).expanduser()
+        if not file.exists():
+            raise DataError(f"{path}: no such file; give a JSON-lines file in one of the layouts: {LAYOUTS}")
+        if not file.is_file():
+            raise DataError(f"{path}: is a folder, not a file; give a JSON-lines file")
+    return load_split(task, split, path)
+
+
+def unseen_labels(train: Sequence[Example], test: Sequence[Example]) -> list[str]:
+    """Classification labels that test examples expect but no training example shows, in order of appearance."""
+    seen = {t for e in train for t in e.targets}
+    return list(dict.fromkeys(t for e in test for t in e.targets if t not in seen))
+
+
+def warn_unseen_labels(train: Sequence[Example], test: Sequence[Example]) -> list[str]:
+    """Warn once, naming them, when test labels never occur in training (the model cannot learn them)."""
+    unseen = unseen_labels(train, test)
+    if unseen:
+        count = sum(1 for e in test if any(t in unseen for t in e.targets))
+        warnings.warn(f"{count} of {len(test)} test examples have labels that no training example has: "
+                      f"{', '.join(unseen)}; the model cannot learn them from this training file", stacklevel=2)
+    return unseen
+
+
+def check_task_files(
+    task: str, train_file: str | os.PathLike | None = None, test_file: str | os.PathLike | None = None
+) -> dict[str, int]:
+    """Both splits of ``task`` checked as by :func:`check_task_file` ({split: examples}); for ``cls`` also warns
+    about test labels unseen in training."""
+    train, test = _checked_split(task, train_file, "train"), _checked_split(task, test_file, "test")
+    if task == "cls":
+        warn_unseen_labels(train, test)
+    return {"train": len(train), "test": len(test)}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -249,16 +349,59 @@ def _tokens_to_ids(tokenizer, text: str) -> list[int]:
     return tokenizer.convert_tokens_to_ids(tokenizer.tokenize(text)) if text else []
 
 
+def _source_ids(tokenizer, task: Task, text: str, max_source_length: int | None) -> tuple[list[int], bool]:
+    """``prompt + text [gMASK] <sop>`` and whether the text had to be cut to fit."""
+    limit = max_source_length or task.max_source_length
+    prompt = _tokens_to_ids(tokenizer, task.prompt)
+    text_ids = _tokens_to_ids(tokenizer, text)
+    room = max(limit - len(prompt), 0)
+    return prompt + text_ids[:room] + [tokenizer.gmask_token_id, tokenizer.bos_token_id], len(text_ids) > room
+
+
 def prompt_ids(tokenizer, task: Task, text: str, max_source_length: int | None = None) -> list[int]:
     """``prompt + text [gMASK] <sop>``: the model input for generation (and the start of a training row).
 
     Prompt and text are tokenized separately (as the original course did); the text is cut so that both
     together fit ``max_source_length`` tokens.
     """
-    limit = max_source_length or task.max_source_length
-    prompt = _tokens_to_ids(tokenizer, task.prompt)
-    source = _tokens_to_ids(tokenizer, text)[: max(limit - len(prompt), 0)]
-    return prompt + source + [tokenizer.gmask_token_id, tokenizer.bos_token_id]
+    return _source_ids(tokenizer, task, text, max_source_length)[0]
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
+
+
+def _check_lengths(**lengths: int | None) -> None:
+    for name, value in lengths.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"{name} ({flag}) must be a whole number of tokens, at least 1, got {value!r}")
+
+
+def encode_prompts(
+    tokenizer, task: Task, texts: Sequence[str], max_source_length: int | None = None
+) -> list[list[int]]:
+    """:func:`prompt_ids` of every text, with one warning counting the texts cut to fit (for generation)."""
+    _check_lengths(max_source_length=max_source_length)
+    encoded = [_source_ids(tokenizer, task, text, max_source_length) for text in texts]
+    cut = sum(was_cut for _, was_cut in encoded)
+    if cut:
+        limit = max_source_length or task.max_source_length
+        warnings.warn(f"{task.name}: of {len(texts)} texts to answer, cut {cut} to {limit} tokens with the prompt "
+                      "(max_source_length); raise it to keep them whole", stacklevel=2)
+    return [ids for ids, _ in encoded]
+
+
+def _encode(tokenizer, task: Task, example: Example, max_source_length: int | None,
+            max_target_length: int | None) -> tuple[dict[str, list[int]], bool, bool]:
+    """A training row, whether its text was cut, and whether its answer was cut."""
+    source, text_cut = _source_ids(tokenizer, task, example.text, max_source_length)
+    answer = _tokens_to_ids(tokenizer, example.answer)
+    limit = max_target_length or task.max_target_length
+    input_ids = source + answer[:limit] + [tokenizer.eos_token_id]
+    context = len(source) - 1  # index of <sop>
+    labels = [IGNORE_INDEX] * context + input_ids[context:]
+    return {"input_ids": input_ids, "labels": labels}, text_cut, len(answer) > limit
 
 
 def encode_example(
@@ -269,20 +412,32 @@ def encode_example(
     max_target_length: int | None = None,
 ) -> dict[str, list[int]]:
     """``input_ids`` and ``labels`` of one training row (labels -100 before ``<sop>``)."""
-    source = prompt_ids(tokenizer, task, example.text, max_source_length)
-    answer = _tokens_to_ids(tokenizer, example.answer)[: max_target_length or task.max_target_length]
-    input_ids = source + answer + [tokenizer.eos_token_id]
-    context = len(source) - 1  # index of <sop>
-    labels = [IGNORE_INDEX] * context + input_ids[context:]
-    return {"input_ids": input_ids, "labels": labels}
+    return _encode(tokenizer, task, example, max_source_length, max_target_length)[0]
 
 
 class EncodedDataset(torch.utils.data.Dataset):
-    """Training rows encoded once up front."""
+    """Training rows encoded once up front; one warning counts the rows cut to the task's token limits."""
 
-    def __init__(self, tokenizer, task: str | Task, examples: Sequence[Example], **lengths) -> None:
+    def __init__(self, tokenizer, task: str | Task, examples: Sequence[Example], max_source_length: int | None = None,
+                 max_target_length: int | None = None) -> None:
         self.task = get_task(task) if isinstance(task, str) else task
-        self.rows = [encode_example(tokenizer, self.task, e, **lengths) for e in examples]
+        if not examples:
+            raise UserError(f"{self.task.name}: no training examples to encode; give a file with at least one row")
+        _check_lengths(max_source_length=max_source_length, max_target_length=max_target_length)
+        encoded = [_encode(tokenizer, self.task, e, max_source_length, max_target_length) for e in examples]
+        self.rows = [row for row, _, _ in encoded]
+        self.texts_cut = sum(text for _, text, _ in encoded)
+        self.answers_cut = sum(answer for _, _, answer in encoded)
+        if self.texts_cut or self.answers_cut:
+            source = max_source_length or self.task.max_source_length
+            target = max_target_length or self.task.max_target_length
+            parts = []
+            if self.texts_cut:
+                parts.append(f"{_count(self.texts_cut, 'text')} to {source} tokens with the prompt (max_source_length)")
+            if self.answers_cut:
+                parts.append(f"{_count(self.answers_cut, 'answer')} to {target} tokens (max_target_length)")
+            warnings.warn(f"{self.task.name}: of {len(self.rows)} training rows, cut {' and '.join(parts)}; "
+                          "raise the limits to keep them whole", stacklevel=2)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -372,7 +527,7 @@ def download(name: str, folder: str | os.PathLike | None = None, verify: bool = 
 
     entries = registry()
     if name not in entries:
-        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(entries)}")
+        raise UserError(f"unknown dataset {name!r}; known: {', '.join(entries)}")
     target = Path(folder) if folder else dataset_cache_dir() / name
     target.mkdir(parents=True, exist_ok=True)
     paths = {}

@@ -2,12 +2,14 @@
 
 import hashlib
 import json
+import warnings
 
 import pytest
 import torch
 
 from helpers import data
-from helpers.data import DataError, Example, encode_example, get_task, read_examples
+from helpers.data import DataError, EncodedDataset, Example, encode_example, get_task, load_split, read_examples
+from helpers.errors import UserError
 from tests.conftest import SHARED, require_shared
 
 PUBLIC_ROWS = {  # file -> (task, rows)
@@ -70,7 +72,15 @@ def test_user_field_mapping(tmp_path):
         ("gen", ['{"text": "a", "answer": "  "}'], r"bad\.jsonl:1: field 'answer' is empty"),
         ("gen", ['{"text": "", "answer": "b"}'], r"bad\.jsonl:1: field 'text' is empty"),
         ("gen", ['{"text": 3, "answer": "b"}'], r"bad\.jsonl:1: field 'text' must be str"),
-        ("gen", ["[1, 2]"], r"bad\.jsonl:1: expected a JSON object"),
+        ("gen", ["[1, 2]"], r"bad\.jsonl:1: expected a JSON object per line, got list; the file is one JSON array"),
+        ("gen", ["[", '  {"text": "a", "answer": "b"}', "]"], r"bad\.jsonl:1: not valid JSON .* pretty-printed JSON"),
+        ("gen", ['{"doc": "a", "q": "b"}'], r"bad\.jsonl:1: missing field 'text' \(fields present: doc, q\); "
+                                             "accepted layouts: text/answer, instruction/input/output"),
+        ("ie", ['{"instruction": "x", "input": "t"}'], r"bad\.jsonl:1: missing field 'output'"),
+        ("gen", ['{"sentence": "标题", "label": 103}'], r"bad\.jsonl:1: a TNEWS classification row .* --task cls"),
+        ("cls", ['{"text": "标题", "answer": "天气"}'], r"bad\.jsonl:1: unknown label '天气' in field 'answer'"),
+        ("cls", ['{"text": "标题", "answer": []}'], r"bad\.jsonl:1: field 'answer' is empty"),
+        ("gen", ['{"text": "a", "answer": ["b", 3]}'], r"bad\.jsonl:1: field 'answer' must be a text or a list"),
         ("cls", ['{"sentence": "标题", "label": 105}'], r"bad\.jsonl:1: unknown label 105"),
         ("cls", ['{"sentence": "标题"}'], r"bad\.jsonl:1: missing field 'label'"),
         ("ie", ['{"text": "t", "answer": "发动机-异响"}'], r"bad\.jsonl:1: .* is not a triple"),
@@ -88,13 +98,18 @@ def test_unreadable_files_raise_data_errors(tmp_path):
     with pytest.raises(DataError, match="cannot read"):
         read_examples(tmp_path / "missing.jsonl", "ie")
     latin = tmp_path / "latin.jsonl"
-    latin.write_bytes('{"text": "café", "answer": "x_y_z"}\n'.encode("latin-1"))
-    with pytest.raises(DataError, match="not UTF-8"):
-        read_examples(latin, "ie")
+    good, bad = '{"text": "cafe", "answer": "x"}\n', '{"text": "café", "answer": "x"}\n'
+    latin.write_bytes(good.encode() * 3 + bad.encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin\.jsonl:4: not UTF-8 text \(invalid continuation byte at byte 14\)"):
+        read_examples(latin, "gen")
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     with pytest.raises(DataError, match="no rows"):
         read_examples(empty, "ie")
+    with pytest.raises(UserError, match="ie: no training examples to encode"):
+        EncodedDataset(None, "ie", [])
+    with pytest.raises(UserError, match=r"max_target_length \(--max-target-length\) must be a whole number"):
+        EncodedDataset(None, "ie", [Example("t", "a")], max_target_length=0)
 
 
 def test_ie_allows_an_empty_answer_meaning_no_triples(tmp_path):
@@ -177,3 +192,142 @@ def test_download_verifies_and_never_leaves_partial_files(tmp_path, monkeypatch)
     assert data.download("toy", tmp_path / "out", verify=False)["train"].exists()
     with pytest.raises(ValueError, match="unknown dataset"):
         data.download("nope")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Every layout for every task; BOM; odd files
+# ----------------------------------------------------------------------------------------------------------
+
+TEXTS = {"ie": "刹车时方向盘抖动。", "gen": "多喝水有益健康。", "cls": "国足晋级亚洲杯八强"}
+ANSWERS = {"ie": "方向盘_部件故障_抖动", "gen": "喝水有什么好处？", "cls": "体育"}
+LAYOUTS = {
+    "text/answer": lambda task: {"text": TEXTS[task], "answer": ANSWERS[task]},
+    "instruction/input/output": lambda task: {"instruction": "任意说明", "input": TEXTS[task], "output": ANSWERS[task]},
+}
+
+
+@pytest.mark.parametrize("task", ["ie", "gen", "cls"])
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_every_layout_is_read_for_every_task(tmp_path, task, layout):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(LAYOUTS[layout](task), ensure_ascii=False) + "\n", encoding="utf-8")
+    (example,) = read_examples(path, task)
+    assert (example.text, example.answer) == (TEXTS[task], ANSWERS[task])
+    assert data.check_task_file(task, path) == 1
+
+
+@pytest.mark.parametrize("row", [
+    {"sentence": "国足晋级亚洲杯八强", "label": 103},
+    {"sentence": "国足晋级亚洲杯八强", "label": "103", "label_desc": "news_sports"},
+    {"sentence": "国足晋级亚洲杯八强", "label_desc": "news_sports"},
+    {"text": "国足晋级亚洲杯八强", "answer": "news_sports"},
+    {"text": "国足晋级亚洲杯八强", "answer": 103},
+    {"input": "国足晋级亚洲杯八强", "output": "103"},
+    {"text": "国足晋级亚洲杯八强", "label": 103},
+])
+def test_classification_labels_by_tnews_id_description_or_name(tmp_path, row):
+    path = tmp_path / "cls.jsonl"
+    path.write_text(json.dumps(row, ensure_ascii=False) + "\n", encoding="utf-8")
+    (example,) = read_examples(path, "cls")
+    assert (example.text, example.answer) == ("国足晋级亚洲杯八强", "体育")
+
+
+def test_a_mapped_text_field_keeps_the_layouts_answer_field(tmp_path):
+    path = tmp_path / "mine.jsonl"
+    rows = [{"title": "国足晋级亚洲杯八强", "label": 103}, {"title": "股市收涨", "label_desc": "news_finance"}]
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
+    assert [e.answer for e in read_examples(path, "cls", text_field="title")] == ["体育", "财经"]
+    path.write_text(json.dumps({"doc": "多喝水。", "answer": "为什么？"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert read_examples(path, "gen", text_field="doc")[0].answer == "为什么？"
+
+
+def test_utf8_with_a_byte_order_mark_is_read(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    rows = [{"text": "a", "answer": "b"}, {"text": "c", "answer": "d"}]
+    path.write_bytes("\n".join(json.dumps(r) for r in rows).encode("utf-8-sig"))
+    assert path.read_bytes()[:3] == b"\xef\xbb\xbf"
+    assert [(e.text, e.answer) for e in read_examples(path, "gen")] == [("a", "b"), ("c", "d")]
+
+
+def test_a_csv_file_is_named_as_such(tmp_path):
+    path = tmp_path / "rows.csv"
+    path.write_text("text,answer\na,b\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"rows\.csv:1: not valid JSON .* the file is \.csv, not JSON lines"):
+        read_examples(path, "gen")
+
+
+def test_data_errors_are_user_errors_and_files_are_checked(tmp_path):
+    assert issubclass(DataError, UserError)
+    with pytest.raises(UserError, match="missing.jsonl: no such file"):
+        data.check_task_file("ie", tmp_path / "missing.jsonl")
+    with pytest.raises(UserError, match="is a folder"):
+        data.check_task_file("ie", tmp_path)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"")
+    with pytest.raises(UserError, match="empty.jsonl: no rows found; the file is empty"):
+        data.check_task_file("ie", empty, "test")
+    assert data.check_task_file("gen", None, "test") == len(load_split("gen", "test"))
+    with pytest.raises(UserError, match=r"unknown task 'qa' \(--task\)"):
+        data.check_task_file("qa", None)
+
+
+@pytest.mark.parametrize("limit", [-1, 0, 1.5, True])
+def test_limit_below_one_is_refused(limit):
+    with pytest.raises(UserError, match=r"limit \(--eval-limit\) must be a whole number of at least 1"):
+        load_split("ie", "test", limit=limit)
+
+
+def test_limit_keeps_the_first_rows():
+    everything = load_split("ie", "test")
+    assert load_split("ie", "test", limit=2) == everything[:2]
+    assert load_split("ie", "test", limit=10**6) == everything
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Warnings: cut rows, unseen labels
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_one_warning_counts_the_rows_cut_to_the_limits(small_tokenizer):
+    tok = small_tokenizer
+    task = get_task("gen")
+    prompt = len(tok.tokenize(task.prompt))
+    examples = [Example("多喝水。" * 40, "为什么？"), Example("多喝水。", "为什么？" * 20),
+                Example("多喝水。" * 40, "为什么？" * 20), Example("多喝水。", "为什么？")]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dataset = EncodedDataset(tok, task, examples, max_source_length=prompt + 20, max_target_length=10)
+    assert (dataset.texts_cut, dataset.answers_cut) == (2, 2)
+    (warning,) = [w for w in caught if issubclass(w.category, UserWarning)]
+    assert f"of 4 training rows, cut 2 texts to {prompt + 20} tokens" in str(warning.message)
+    assert "2 answers to 10 tokens (max_target_length)" in str(warning.message)
+    assert len(dataset[2]["input_ids"]) == prompt + 20 + 2 + 10 + 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # rows within the limits: no warning at all
+        EncodedDataset(tok, task, examples[3:], max_source_length=prompt + 20, max_target_length=10)
+
+
+def test_prompts_for_generation_warn_once_about_cut_texts(small_tokenizer):
+    task = get_task("ie")
+    limit = len(small_tokenizer.tokenize(task.prompt)) + 8
+    texts = ["发动机异响。" * 30, "动。", "刹车失灵，方向盘抖动，仪表盘报警。" * 5]  # the second fits in 8 tokens
+    with pytest.warns(UserWarning) as caught:
+        prompts = data.encode_prompts(small_tokenizer, task, texts, max_source_length=limit)
+    assert len(caught) == 1 and f"of 3 texts to answer, cut 2 to {limit} tokens" in str(caught[0].message)
+    assert prompts == [data.prompt_ids(small_tokenizer, task, t, limit) for t in texts]
+
+
+def test_test_labels_unseen_in_training_give_one_warning(tmp_path):
+    train, test = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
+    train.write_text("\n".join(json.dumps({"sentence": f"标题{i}", "label": 103}) for i in range(3)) + "\n")
+    test.write_text(json.dumps({"sentence": "a", "label": 103}) + "\n" + json.dumps({"sentence": "b", "label": 104})
+                    + "\n" + json.dumps({"sentence": "c", "label": "news_finance"}) + "\n" +
+                    json.dumps({"sentence": "d", "label": 109}) + "\n")
+    with pytest.warns(UserWarning) as caught:
+        assert data.check_task_files("cls", train, test) == {"train": 3, "test": 4}
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert message.startswith("3 of 4 test examples have labels that no training example has: 财经, 科技")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert data.warn_unseen_labels(load_split("cls", "train", test), load_split("cls", "test", train)) == []
