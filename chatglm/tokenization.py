@@ -160,6 +160,22 @@ class IceTextTokenizer:
         raise ValueError(f"expected a token (str) or an id (int), got {type(key).__name__}")
 
 
+def _read_vocabulary(path: Path, num_image_tokens: int) -> IceTextTokenizer:
+    """The sentencepiece model at ``path``; a missing, truncated or corrupt file raises a ValueError naming it.
+
+    (A ValueError, because ``transformers`` replaces OSError and sentencepiece's RuntimeError by generic text.)
+    """
+    try:
+        proto = path.read_bytes()
+    except OSError as error:
+        raise ValueError(f"{path}: cannot read the tokenizer's vocabulary ({error.strerror or error})") from error
+    try:
+        return IceTextTokenizer(proto, num_image_tokens=num_image_tokens)
+    except Exception as error:  # sentencepiece raises RuntimeError or a protobuf DecodeError
+        raise ValueError(f"{path}: not a valid sentencepiece model, truncated or corrupt ({len(proto):,} bytes; "
+                         f"{type(error).__name__}); download it again") from error
+
+
 class ChatGLMTokenizer(PreTrainedTokenizer):
     """Tokenizer of ChatGLM-6B: ``ice_text.model`` with the original's whitespace, special-token and padding rules.
 
@@ -200,7 +216,8 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
         **kwargs: Any,
     ) -> None:
         if vocab_file is None:
-            raise ValueError("ChatGLMTokenizer needs vocab_file (the path of ice_text.model)")
+            raise ValueError(f"ChatGLMTokenizer needs vocab_file: no {VOCAB_FILES_NAMES['vocab_file']} (the "
+                             "sentencepiece model) was found; put it next to tokenizer_config.json")
         # The public config points at remote code; this class replaces it.
         kwargs.pop("auto_map", None)
         # transformers turns unknown "*_token" config keys into extra special tokens, which would split
@@ -215,7 +232,7 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
 
         # The vocabulary must be loaded before the base class asks for it.
         self.vocab_file = str(vocab_file)
-        self.sp_tokenizer = IceTextTokenizer(Path(vocab_file).read_bytes(), num_image_tokens=num_image_tokens)
+        self.sp_tokenizer = _read_vocabulary(Path(vocab_file), num_image_tokens)
         self._text_vocab: dict[str, int] | None = None
         self.do_lower_case = do_lower_case
         self.remove_space = remove_space

@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import json
+import os
+import pickle
+import re
 from pathlib import Path
 
+import sentencepiece
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import chatglm
-from chatglm import ChatGLMForConditionalGeneration, known_config
+from chatglm import ChatGLMConfig, ChatGLMForConditionalGeneration, known_config
+from chatglm.checkpoint import BIN_NAME, SAFE_NAME, check_weight_file, weight_files
 from chatglm.configuration import known_config_dict
+from chatglm.tokenization import VOCAB_FILES_NAMES
+
+from .errors import UserError
 
 # What a ChatGLM checkpoint folder needs; the remote ``.py`` files of the public repositories are never fetched.
 CHECKPOINT_FILES = [
@@ -22,6 +31,10 @@ CHECKPOINT_FILES = [
     "model*.safetensors",
     "model.safetensors.index.json",
 ]
+
+
+# What a damaged or mismatched checkpoint makes loading raise (torch, safetensors, pickle, transformers).
+_LOAD_ERRORS = (OSError, ValueError, RuntimeError, EOFError, KeyError, pickle.UnpicklingError, SafetensorError)
 
 
 def default_device() -> torch.device:
@@ -42,31 +55,196 @@ def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     names = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
              "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
     if dtype not in names:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(names)}")
+        raise UserError(f"unknown dtype (--dtype) {dtype!r}; use one of {', '.join(names)}")
     return names[dtype]
+
+
+TOKENIZER_FILES = ("tokenizer_config.json", VOCAB_FILES_NAMES["vocab_file"])
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+HUB_LOOKUP_TIMEOUT = 10  # seconds; an offline machine must not hang on a typo
+
+
+def _known_names() -> str:
+    return ", ".join(chatglm.known_config_names())
+
+
+def _json_file(path: Path) -> dict:
+    try:
+        content = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise UserError(f"{path}: not readable JSON ({error}); download it again") from error
+    if not isinstance(content, dict):
+        raise UserError(f"{path}: expected a JSON object, got {type(content).__name__}; download it again")
+    return content
+
+
+def check_checkpoint_folder(folder: str | os.PathLike) -> Path:
+    """Check a local checkpoint folder without loading it: config, weight files (complete), tokenizer files.
+
+    Raises :class:`UserError` naming the missing or broken file; returns the folder.
+    """
+    folder = Path(folder)
+    expected = (f"a ChatGLM checkpoint folder holds config.json, the weights ({SAFE_NAME} or {BIN_NAME}, or shards "
+                f"with an index) and the tokenizer ({', '.join(TOKENIZER_FILES)})")
+    if not (folder / "config.json").is_file():
+        raise UserError(f"{folder}: no config.json; {expected}")
+    config = _json_file(folder / "config.json")
+    if config.get("model_type") not in (None, "chatglm"):
+        raise UserError(f"{folder / 'config.json'}: model_type is {config['model_type']!r}, not 'chatglm'; "
+                        "this course loads ChatGLM-6B checkpoints")
+    try:
+        for path in weight_files(folder):
+            check_weight_file(path)
+    except (OSError, ValueError) as error:
+        raise UserError(f"{error}" if str(folder) in str(error) else f"{folder}: {error}") from error
+    for name in TOKENIZER_FILES:
+        if not (folder / name).is_file():
+            raise UserError(f"{folder}: no {name} (a tokenizer file); {expected}")
+    _json_file(folder / "tokenizer_config.json")
+    vocabulary = folder / VOCAB_FILES_NAMES["vocab_file"]
+    try:
+        sentencepiece.SentencePieceProcessor(model_proto=vocabulary.read_bytes())
+    except Exception as error:  # sentencepiece raises RuntimeError or a protobuf DecodeError
+        raise UserError(f"{vocabulary}: not a valid sentencepiece model, truncated or corrupt "
+                        f"({type(error).__name__}); download it again") from error
+    return folder
+
+
+def _hub_lookup(name: str) -> str | None:
+    """Why ``name`` cannot be used as a hub model (None if it can): cached, or found on the hub."""
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    if isinstance(huggingface_hub.try_to_load_from_cache(name, "config.json"), str):
+        return None
+    if constants.HF_HUB_OFFLINE:
+        return "not in the local hub cache, and HF_HUB_OFFLINE is set"
+    try:
+        huggingface_hub.model_info(name, timeout=HUB_LOOKUP_TIMEOUT)
+    except GatedRepoError:
+        return "a gated hub repository; accept its terms on the hub and log in (hf auth login)"
+    except RepositoryNotFoundError:
+        return "no model of that name on the hub"
+    except Exception as error:  # offline, DNS, timeout, proxy: all mean "cannot be looked up now"
+        return f"the hub could not be reached to look it up ({type(error).__name__})"
+    return None
+
+
+def check_model_source(name_or_path: str) -> str:
+    """Check what ``--model`` names, cheaply (no weights loaded, nothing downloaded); raises :class:`UserError`.
+
+    Returns ``"tiny"``; the absolute path of a checked local folder; or the hub name (a known ChatGLM-6B name,
+    one in the local hub cache, or one the hub confirms within a few seconds).
+    """
+    if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path).strip():
+        raise UserError(f"model (--model) must be 'tiny', a checkpoint folder or a hub name, got {name_or_path!r}")
+    name = str(name_or_path)
+    if name == "tiny":
+        return name
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return str(check_checkpoint_folder(path).resolve())
+    if path.exists():
+        raise UserError(f"{name}: is a file; give the checkpoint folder that holds it (with config.json)")
+    if known_config_dict(name) is not None:
+        return name
+    if _HUB_NAME.match(name) and not name.startswith("."):
+        reason = _hub_lookup(name)
+        if reason is None:
+            return name
+        raise UserError(f"no such folder: {name} (and not a known hub name: {reason}); give 'tiny', a checkpoint "
+                        f"folder, or one of {_known_names()}")
+    raise UserError(f"no such folder: {name}; give 'tiny', a checkpoint folder, or a hub name such as "
+                    f"{_known_names()}")
+
+
+def model_config(name_or_path: str) -> ChatGLMConfig:
+    """The configuration of what ``--model`` names, without loading weights (for checking options early)."""
+    source = check_model_source(name_or_path)
+    if source == "tiny":  # the committed or cached build if there is one; never a build just for the config
+        from .tiny import TinyRecipe, shipped_tiny, tiny_dir
+
+        for folder in (shipped_tiny(), tiny_dir()):
+            if folder is not None and (folder / "config.json").is_file():
+                return _config_from(folder / "config.json")
+        recipe = TinyRecipe()
+        fields = ("hidden_size", "num_layers", "num_attention_heads", "inner_hidden_size", "max_sequence_length")
+        return ChatGLMConfig(**{f: getattr(recipe, f) for f in fields if hasattr(recipe, f)})
+    if Path(source).is_dir():
+        return _config_from(Path(source) / "config.json")
+    if known_config_dict(source) is not None:
+        return known_config(source)
+    from huggingface_hub import hf_hub_download
+
+    return _config_from(Path(hf_hub_download(source, "config.json")))
+
+
+def _config_from(path: Path) -> ChatGLMConfig:
+    values = {k: v for k, v in _json_file(path).items() if k not in ("model_type", "transformers_version")}
+    try:
+        return ChatGLMConfig(**values)
+    except (ValueError, TypeError, NotImplementedError) as error:
+        raise UserError(f"{path}: not a usable ChatGLM configuration ({error})") from error
+
+
+def _parse_device(device: torch.device | str | None) -> torch.device:
+    if device is None:
+        return default_device()
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise UserError(f"unknown device (--device) {device!r}; use cpu or cuda (cuda:0, ...)") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device (--device) {device} asked for, but no CUDA GPU is available; use cpu")
+    return device
 
 
 def resolve_checkpoint(name_or_path: str) -> Path:
     """A local folder holding the checkpoint: ``"tiny"``, an existing folder, or a hub name (downloaded).
 
-    Hub downloads take only weights, config and tokenizer files (never remote code).
+    Checked first (:func:`check_model_source`); hub downloads take only weights, config and tokenizer files (never
+    remote code) and are checked once downloaded.
     """
-    if name_or_path == "tiny":
+    source = check_model_source(name_or_path)
+    if source == "tiny":
         from .tiny import ensure_tiny
 
-        return ensure_tiny()
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").exists():
-            raise FileNotFoundError(f"{path} has no config.json; point at a ChatGLM checkpoint folder")
-        return path
-    if name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/")):
-        from huggingface_hub import snapshot_download
+        folder = ensure_tiny()
+        try:
+            return check_checkpoint_folder(folder)
+        except UserError as error:
+            raise UserError(f"the embedded tiny model's cache is damaged ({error}); delete {folder} and it is "
+                            "rebuilt on the next use") from error
+    if Path(source).is_dir():
+        return Path(source)
+    import huggingface_hub
 
-        return Path(snapshot_download(name_or_path, allow_patterns=CHECKPOINT_FILES))
-    raise FileNotFoundError(
-        f"{name_or_path!r} is neither 'tiny', an existing folder, nor a hub name like THUDM/chatglm-6b-int4"
-    )
+    try:
+        folder = huggingface_hub.snapshot_download(source, allow_patterns=CHECKPOINT_FILES)
+    except Exception as error:  # offline, not cached, gated, interrupted: all mean "not downloaded"
+        first_line = (str(error).strip().splitlines() or [""])[0][:200]
+        raise UserError(f"{source}: could not be downloaded from the hub ({type(error).__name__}: {first_line}); "
+                        "check the connection, or download the folder elsewhere and give its path") from error
+    return check_checkpoint_folder(folder)
+
+
+def _load_error(folder: Path, what: str, error: Exception) -> UserError:
+    """A :class:`UserError` for a failed load: the broken weight file if a full check finds one, else the folder."""
+    if what == "weights":
+        try:
+            for path in weight_files(folder):
+                check_weight_file(path, thorough=True)
+        except (OSError, ValueError) as broken:
+            return UserError(str(broken))
+    first_line = (str(error).strip().splitlines() or [""])[0][:300]
+    if str(folder) in first_line and "download it again" in first_line:  # already names the file (our own checks)
+        return UserError(first_line)
+    if what == "weights" and "mismatch" in str(error).lower():
+        return UserError(f"{folder}: config.json does not match the weights (tensor shapes differ, as the load "
+                         "report above lists); use the config.json that came with these weights")
+    return UserError(f"{folder}: the {what} could not be loaded ({type(error).__name__}: {first_line}); "
+                     "if the folder was copied or downloaded only partly, download it again")
 
 
 def load_model(
@@ -81,24 +259,40 @@ def load_model(
     matrix at a time); an already quantized checkpoint keeps its format. Defaults: GPU if present, bf16/fp16 on
     GPU and fp32 on CPU.
     """
-    folder = resolve_checkpoint(name_or_path)
-    device = torch.device(device) if device is not None else default_device()
+    if quantization_bit not in (None, 0, 4, 8):
+        raise UserError(f"quantization_bit must be 4 or 8 (or left out), got {quantization_bit!r}")
+    device = _parse_device(device)
     dtype = _parse_dtype(dtype) or default_dtype(device)
+    folder = resolve_checkpoint(name_or_path)
     load_kwargs = {"dtype": dtype}
     if device.type == "cuda":
         load_kwargs["device_map"] = {"": device.index or 0}  # weights go straight to the GPU
-    model = AutoModelForCausalLM.from_pretrained(folder, **load_kwargs)
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True, **load_kwargs)
+    except torch.OutOfMemoryError:
+        raise
+    except _LOAD_ERRORS as error:
+        raise _load_error(folder, "weights", error) from error
+    # The head may be tied to the embedding; a prefix named in config.json may start fresh (P-Tuning v2 trains it).
+    missing = sorted(k for k in info.get("missing_keys", ()) if k != "lm_head.weight" and "prefix_encoder" not in k)
+    if missing:
+        raise UserError(f"{folder}: the weights lack {len(missing)} of the model's tensors (e.g. {missing[0]}), "
+                        "which would start random; the files are incomplete or belong to another model")
     if device.type != "cuda":
         model.to(device)
     if quantization_bit:
         current = model.config.quantization_bit
         if current and current != quantization_bit:
-            raise ValueError(
-                f"{name_or_path} is already quantized to {current} bits; cannot make it {quantization_bit}"
+            raise UserError(
+                f"{name_or_path} is already quantized to {current} bits; cannot make it {quantization_bit} "
+                "(leave quantization_bit out, or load the floating checkpoint)"
             )
         if not current:
             model.quantize(quantization_bit)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except _LOAD_ERRORS as error:
+        raise _load_error(folder, "tokenizer", error) from error
     model.config.name_or_path = name_or_path  # what run records and reloads refer to
     return model.eval(), tokenizer
 
@@ -115,8 +309,13 @@ def is_small_model(model) -> bool:
 
 
 def meta_model(name: str = "THUDM/chatglm-6b-int4", **config_overrides) -> ChatGLMForConditionalGeneration:
-    """The full-size model on the ``meta`` device (shapes only, no memory), from the offline known config."""
-    if known_config_dict(name) is None:
-        raise KeyError(f"{name!r} is not a known ChatGLM-6B name; known: {', '.join(chatglm.known_config_names())}")
+    """The model on the ``meta`` device (shapes only, no memory): a known hub name from its offline config, or any
+    other ``--model`` (a folder, ``"tiny"``) from its ``config.json``; no weights are read."""
+    if known_config_dict(name) is not None:
+        config = known_config(name, **config_overrides)
+    else:
+        folder = resolve_checkpoint(name) if name == "tiny" else None  # the tiny vocabulary is known once built
+        config = model_config(str(folder) if folder else name)
+        config = ChatGLMConfig(**{**config.to_diff_dict(), **config_overrides})
     with torch.device("meta"):
-        return ChatGLMForConditionalGeneration(known_config(name, **config_overrides))
+        return ChatGLMForConditionalGeneration(config)

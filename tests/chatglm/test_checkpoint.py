@@ -1,4 +1,5 @@
-"""Checkpoints in the public HF layout: key names, shapes, dtypes; loading through Auto classes; full size on meta."""
+"""Checkpoints in the public HF layout: key names, shapes, dtypes; loading through Auto classes; full size on meta;
+weight files checked for completeness before loading."""
 
 import json
 
@@ -9,6 +10,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from chatglm import ChatGLMConfig, ChatGLMForConditionalGeneration, known_config
+from chatglm.checkpoint import check_weight_file, weight_files
 from chatglm.configuration import known_config_dict
 from tests.conftest import glm_ids, random_model, tiny_config
 
@@ -157,3 +159,51 @@ def test_saving_a_partly_merged_quantized_model_is_refused(tmp_path):
         model.save_pretrained(tmp_path)
     model.quantize(4)
     model.save_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("safe", [False, True])
+def test_weight_files_are_found_and_a_cut_file_is_caught(tmp_path, safe):
+    random_model(bits=4).save_pretrained(tmp_path, safe_serialization=safe)
+    name = "model.safetensors" if safe else "pytorch_model.bin"
+    assert weight_files(tmp_path) == [tmp_path / name]
+    check_weight_file(tmp_path / name, thorough=True)  # a complete file passes
+    content = (tmp_path / name).read_bytes()
+    for cut in (len(content) - 1, len(content) // 2, 5):
+        (tmp_path / name).write_bytes(content[:cut])
+        with pytest.raises(ValueError, match=rf"{name}: truncated or corrupt \(.*\); download it again"):
+            check_weight_file(tmp_path / name)
+
+
+def test_a_safetensors_file_longer_than_its_header_says_is_caught(tmp_path):
+    random_model().save_pretrained(tmp_path)
+    path = tmp_path / "model.safetensors"
+    size = path.stat().st_size
+    path.write_bytes(path.read_bytes() + b"\0" * 16)
+    with pytest.raises(ValueError, match=f"the header describes {size:,} bytes, the file has {size + 16:,}"):
+        check_weight_file(path)
+
+
+def test_thorough_check_catches_a_changed_byte_in_a_bin_file(tmp_path):
+    random_model().save_pretrained(tmp_path, safe_serialization=False)
+    path = tmp_path / "pytorch_model.bin"
+    content = bytearray(path.read_bytes())
+    middle = len(content) // 2
+    content[middle] ^= 0xFF
+    path.write_bytes(bytes(content))
+    check_weight_file(path)  # the cheap check sees a complete archive
+    with pytest.raises(ValueError, match="truncated or corrupt .*checksum"):
+        check_weight_file(path, thorough=True)
+
+
+def test_weight_files_of_a_sharded_checkpoint_and_missing_ones(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no weights file"):
+        weight_files(tmp_path)
+    random_model().save_pretrained(tmp_path, safe_serialization=False, max_shard_size="100KB")
+    shards = sorted(tmp_path.glob("pytorch_model-*.bin"))
+    assert len(shards) > 1 and weight_files(tmp_path) == shards
+    shards[0].unlink()
+    with pytest.raises(FileNotFoundError, match=rf"{shards[0].name}: missing \(1 of the {len(shards)} files"):
+        weight_files(tmp_path)
+    (tmp_path / "pytorch_model.bin.index.json").write_text("{")
+    with pytest.raises(ValueError, match="pytorch_model.bin.index.json: not a valid weights index"):
+        weight_files(tmp_path)
