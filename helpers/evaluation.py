@@ -1,8 +1,10 @@
 """Evaluation: batched greedy generation, the metrics of each task, label ranking and perplexity.
 
 ``evaluate`` runs a model over test examples and scores the answers with the task's metrics: triple F1 for
-IE, BLEU / ROUGE-L / diversity for question generation, accuracy / macro-F1 for classification. The
-forgetting check compares the perplexity of held-out plain text before and after fine-tuning.
+IE, BLEU / ROUGE-L / diversity for question generation, accuracy / macro-F1 for classification, and for every
+task the share of answers that loop (``repetition_rate``). Generation stops at ``<eop>``; its token budget
+comes from the training answers (:func:`answer_token_budget`). The forgetting check compares the perplexity
+of held-out plain text before and after fine-tuning.
 """
 
 from __future__ import annotations
@@ -115,9 +117,56 @@ def generate_answers(
     return answers
 
 
+def answer_token_budget(
+    tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], margin: float = 0.25, cap: int | None = None
+) -> int:
+    """``max_new_tokens`` for a task: its longest training answer in tokens, plus ``margin`` of it, plus ``<eop>``.
+
+    Generation stops at ``<eop>``; this budget only bounds a model that never emits it, so that a looping
+    answer costs at most a little more than the longest real one. ``cap`` bounds the answer tokens (e.g. the
+    task's ``max_target_length``, which training cuts answers to).
+    """
+    if not examples:
+        raise ValueError("answer_token_budget needs at least one training example")
+    longest = max(len(_token_ids(tokenizer, answer)) for e in examples for answer in (e.answer, *e.references))
+    budget = max(1, math.ceil(longest * (1 + margin)))
+    return (min(budget, cap) if cap else budget) + 1
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Metrics
 # ----------------------------------------------------------------------------------------------------------
+
+
+def repeats_ngram(tokens: Sequence[str], n: int = 3, times: int = 3) -> bool:
+    """Whether some ``n``-gram of ``tokens`` occurs at least ``times`` times (overlapping occurrences count)."""
+    counts = Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
+    return any(count >= times for count in counts.values())
+
+
+def is_repetitive(prediction: str, tokenizer: PreTrainedTokenizerBase | None = None, n: int = 3,
+                  times: int = 3) -> bool:
+    """Whether an answer loops: some ``n``-token n-gram occurs ``times`` times within one line, or a line does.
+
+    Tokens are the tokenizer's pieces (characters, whitespace dropped, without a tokenizer). N-grams are taken
+    line by line because an IE answer is one triple per line and a relation name rightly recurs across lines
+    (with the tiny model's vocabulary 19 % of the bundled IE training answers would count as loops otherwise);
+    a line repeated ``times`` times is a loop of its own.
+    """
+    lines = [line.strip() for line in prediction.split("\n") if line.strip()]
+    if any(count >= times for count in Counter(lines).values()):
+        return True
+    for line in lines:
+        tokens = tokenizer.tokenize(line) if tokenizer is not None else characters(line)
+        if repeats_ngram(tokens, n, times):
+            return True
+    return False
+
+
+def repetition_rate(predictions: Sequence[str], tokenizer: PreTrainedTokenizerBase | None = None, n: int = 3,
+                    times: int = 3) -> float:
+    """Share of predictions that loop (:func:`is_repetitive`): a degenerate model scores near 1, a good one 0."""
+    return _ratio(sum(is_repetitive(p, tokenizer, n, times) for p in predictions), len(predictions))
 
 
 def _check_lengths(predictions: Sequence, references: Sequence) -> None:
@@ -401,15 +450,23 @@ def evaluate(
     limit: int | None = None,
     progress: bool = True,
     rank: bool = True,
+    save_metrics: bool = True,
+    train_examples: Sequence[Example] | None = None,
 ) -> dict[str, Any]:
     """Generate answers for ``examples`` and score them with the task's metrics; optionally save both.
 
-    With ``out_dir``: ``metrics.json`` and ``predictions.jsonl`` (text, prediction, references per example).
+    ``max_new_tokens`` defaults to :func:`answer_token_budget` of ``train_examples`` (the task's bundled training
+    split when not given), capped at the task's ``max_target_length``. With ``out_dir``: ``metrics.json`` and
+    ``predictions.jsonl`` (text, prediction, references per example); ``save_metrics=False`` writes only the
+    predictions.
     """
     task = _task(task)
     examples = list(examples[:limit] if limit else examples)
     if not examples:
         raise ValueError("no examples to evaluate")
+    if max_new_tokens is None:
+        train_examples = data.load_split(task.name, "train") if train_examples is None else train_examples
+        max_new_tokens = answer_token_budget(tokenizer, train_examples, cap=task.max_target_length)
     started = time.perf_counter()
     texts = [e.text for e in examples]
     predictions = generate_answers(model, tokenizer, task, texts, batch_size, max_new_tokens, progress)
@@ -426,12 +483,14 @@ def evaluate(
             metrics.update(rank_accuracy=scores["accuracy"], rank_macro_f1=scores["macro_f1"])
     else:
         raise ValueError(f"no metrics for task {task.name!r}; known tasks: {', '.join(MAIN_METRIC)}")
+    metrics["repetition_rate"] = repetition_rate(predictions, tokenizer)
     metrics = {"task": task.name, "main_metric": MAIN_METRIC[task.name], **metrics,
                "eval_seconds": time.perf_counter() - started}
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "metrics.json", metrics)
+        if save_metrics:  # False: the caller (a run record) writes metrics.json once, with more in it
+            write_json(out / "metrics.json", metrics)
         lines = (json.dumps({"text": e.text, "prediction": p, "references": list(e.targets)}, ensure_ascii=False)
                  for e, p in zip(examples, predictions))
         write_text(out / "predictions.jsonl", "".join(line + "\n" for line in lines))

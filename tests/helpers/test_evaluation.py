@@ -267,3 +267,93 @@ def test_char_f1_by_hand():
     assert char_f1("a b\nc", "cba") == pytest.approx(1.0)  # whitespace ignored, order ignored
     scores = ie_scores(["发动机_部件故障_异响", ""], ["发动机_部件故障_异响", "灯_部件故障_亮"])
     assert scores["char_f1"] == pytest.approx(0.5)
+
+
+# ---- loops and decoding budget ----------------------------------------------------------------------------
+
+
+def test_repetition_rate_on_hand_made_answers():
+    predictions = [
+        "发动机_部件故障_部件故障_部件故障",  # "部件故" appears 3 times in one line: a loop
+        "车车车车车",  # "车车车" at positions 0, 1, 2: a loop
+        "a_部件故障_b\nc_部件故障_d\ne_部件故障_f",  # the relation recurs across lines only: not a loop
+        "x_组成_y\nx_组成_y\nx_组成_y",  # the same line three times: a loop
+        "x_组成_y\nx_组成_y",  # twice is not yet a loop
+        "今天天气很好",  # no repeat
+    ]
+    assert [ev.is_repetitive(p) for p in predictions] == [True, True, False, True, False, False]
+    assert ev.repetition_rate(predictions) == pytest.approx(3 / 6)
+    assert ev.repetition_rate([]) == 0.0
+    # "ab ab ab": the bigram (a, b) occurs 3 times, no trigram does (ab a, b a b, ... twice each)
+    assert ev.is_repetitive("ab ab ab", n=2) and not ev.is_repetitive("ab ab ab", n=3)
+
+
+def test_repetition_rate_counts_tokenizer_pieces(small_tokenizer):
+    tok = small_tokenizer
+    assert tok.tokenize("的时候" * 3) == ["▁", "的时候", "的时候", "的时候"]  # one piece for the three characters
+    # Three copies: as characters "的时候" occurs 3 times (a loop); as pieces the trigram occurs once.
+    assert ev.is_repetitive("的时候" * 3) and not ev.is_repetitive("的时候" * 3, tok)
+    # Five copies: the trigram of pieces (的时候, 的时候, 的时候) starts at 3 positions.
+    assert ev.is_repetitive("的时候" * 5, tok)
+    assert ev.repetition_rate(["今天天气很好", "的时候" * 5], tok) == pytest.approx(0.5)
+
+
+def test_answer_token_budget_from_the_longest_training_answer(small_tokenizer):
+    tok = small_tokenizer
+    examples = [Example("t", "短"), Example("t", "这是一个比较长的回答"), Example("t", "中等长度")]
+    longest = len(tok.tokenize("这是一个比较长的回答"))
+    assert ev.answer_token_budget(tok, examples, margin=0.0) == longest + 1
+    assert ev.answer_token_budget(tok, examples, margin=0.5) == math.ceil(longest * 1.5) + 1
+    assert ev.answer_token_budget(tok, examples, margin=0.5, cap=2) == 3
+    with pytest.raises(ValueError, match="at least one"):
+        ev.answer_token_budget(tok, [])
+
+
+class ForcedLogits:
+    """A forward hook on the output layer: emit ``token`` until generation step ``stop_at``, then ``<eop>``."""
+
+    def __init__(self, token: int, eos: int, stop_at: int) -> None:
+        self.token, self.eos, self.stop_at, self.steps = token, eos, stop_at, 0
+
+    def __call__(self, module, inputs, logits):
+        forced = torch.full_like(logits, -1e4)
+        forced[..., self.eos if self.steps >= self.stop_at else self.token] = 1e4
+        self.steps += 1
+        return forced
+
+
+def test_decoding_stops_at_eop_before_the_budget(small_tokenizer):
+    tok = small_tokenizer
+    model = model_for(tok)
+    token = tok.convert_tokens_to_ids(tok.tokenize("车"))[-1]
+    hook = model.lm_head.register_forward_hook(ForcedLogits(token, tok.eos_token_id, stop_at=4))
+    try:
+        prompt = data.prompt_ids(tok, data.TASKS["ie"], TEXTS[0])
+        output = model.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt)),
+                                max_new_tokens=40, do_sample=False, eos_token_id=tok.eos_token_id,
+                                pad_token_id=tok.pad_token_id)
+        assert output.shape[1] == len(prompt) + 5  # four tokens, then <eop>, and nothing after it
+        assert output[0, -1].item() == tok.eos_token_id
+    finally:
+        hook.remove()
+    hook = model.lm_head.register_forward_hook(ForcedLogits(token, tok.eos_token_id, stop_at=4))
+    try:
+        answers = ev.generate_answers(model, tok, "ie", TEXTS[:1], max_new_tokens=40, progress=False)
+    finally:
+        hook.remove()
+    assert answers == [tok.decode([token] * 4, skip_special_tokens=True).strip()]
+
+
+def test_evaluate_budgets_new_tokens_from_the_training_answers(small_tokenizer):
+    tok = small_tokenizer
+    model = ScriptedModel({}, tok.pad_token_id, tok.eos_token_id)
+    train = [Example("t", "今天天气很好"), Example("t", "好")]
+    examples = [Example(TEXTS[0], "体育")]
+    ev.evaluate(model, tok, "cls", examples, train_examples=train, rank=False, progress=False)
+    longest = len(tok.tokenize("今天天气很好"))
+    assert model.calls[-1]["max_new_tokens"] == min(math.ceil(longest * 1.25), data.TASKS["cls"].max_target_length) + 1
+    ev.evaluate(model, tok, "ie", [Example(TEXTS[0], "a_组成_b")], rank=False, progress=False)
+    bundled = ev.answer_token_budget(tok, data.load_split("ie", "train"), cap=data.TASKS["ie"].max_target_length)
+    assert model.calls[-1]["max_new_tokens"] == bundled
+    ev.evaluate(model, tok, "ie", [Example(TEXTS[0], "a_组成_b")], max_new_tokens=7, progress=False)
+    assert model.calls[-1]["max_new_tokens"] == 7
