@@ -1,4 +1,7 @@
-"""Writing result files so that an interruption never leaves a half-written one behind."""
+"""Writing result files so that an interruption never leaves a half-written one behind.
+
+Result files are readable by everyone (mode 0644), like files written with ``open``.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +10,19 @@ import os
 import tempfile
 from pathlib import Path
 
+FILE_MODE = 0o644
+
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write via a temporary file in the same folder and an atomic rename."""
+    """Write via a temporary file in the same folder, flushed to disk, then an atomic rename (mode 0644)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, FILE_MODE)  # mkstemp creates 0600
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -1,8 +1,10 @@
-"""Read run folders and compare them: loss curves side by side, a table, and bars of cost and quality.
+"""Compare runs: loss curves side by side, a table, and bars of cost and quality.
 
-A run folder (``runs/<name>/``) holds ``run.json`` (what was trained and what it cost), ``loss_history.jsonl``
-(one line per logging step) and, once evaluated, ``metrics.json``. Figures are returned, not shown, so a
-notebook displays one by leaving it as the last expression of a cell (or with ``display(fig)``).
+Runs are read by :mod:`helpers.runs` (``load_runs``, re-exported here): ``run.json`` (what was trained and what
+it cost), ``loss_history.jsonl`` (one line per logging step) and, once evaluated, ``metrics.json``. Tables and
+the comparison figure show finished runs only; an unfinished or failed one is left out with a printed note.
+Figures are returned, not shown, so a notebook displays one by leaving it as the last expression of a cell (or
+with ``display(fig)``).
 """
 
 from __future__ import annotations
@@ -12,17 +14,20 @@ import math
 import os
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .files import read_history
+from .files import write_text
+from .runs import Run, finished_runs, load_run, load_runs
+
+__all__ = ["Run", "load_run", "load_runs", "plot_loss_curves", "plot_comparison", "comparison_rows",
+           "comparison_markdown", "write_comparison", "smooth", "load_reference_curves", "plot_reference_curves",
+           "published_results", "published_markdown", "reference_info"]
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-METHOD_ORDER = ("freeze", "embedding", "ptuning_v2", "lora")
 METHOD_COLORS = {"freeze": "#1f77b4", "embedding": "#ff7f0e", "ptuning_v2": "#2ca02c", "lora": "#d62728"}
 OTHER_COLORS = ("#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
 KEY_METRICS = {
@@ -31,75 +36,6 @@ KEY_METRICS = {
     "cls": ("accuracy", "macro_f1", "invalid_rate", "rank_accuracy", "rank_macro_f1"),
 }
 MIB = 1 << 20
-
-
-@dataclass
-class Run:
-    """One run folder: its ``run.json``, loss history and (possibly empty) evaluation metrics."""
-
-    path: Path
-    info: dict[str, Any]
-    history: list[dict[str, Any]] = field(default_factory=list)
-    metrics: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def name(self) -> str:
-        return str(self.info.get("name") or self.path.name)
-
-    @property
-    def method(self) -> str:
-        return str(self.info.get("method", "unknown"))
-
-    @property
-    def task(self) -> str:
-        return str(self.info.get("task", self.metrics.get("task", "")))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Reading
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error.msg} at line {error.lineno}); "
-                         "rewrite the file or remove the run folder") from error
-
-
-def load_run(path: str | os.PathLike) -> Run:
-    """Read one run folder (it must hold ``run.json``)."""
-    path = Path(path)
-    if not (path / "run.json").is_file():
-        raise FileNotFoundError(f"{path} has no run.json; is it a run folder (runs/<name>/)?")
-    metrics_file = path / "metrics.json"
-    return Run(
-        path=path,
-        info=_read_json(path / "run.json"),
-        history=read_history(path / "loss_history.jsonl"),
-        metrics=_read_json(metrics_file) if metrics_file.is_file() else {},
-    )
-
-
-def _method_rank(run: Run) -> tuple[int, str]:
-    return (METHOD_ORDER.index(run.method) if run.method in METHOD_ORDER else len(METHOD_ORDER)), run.name
-
-
-def load_runs(*paths: str | os.PathLike) -> list[Run]:
-    """Runs found at ``paths`` (run folders, or folders of run folders), ordered freeze, embedding, ptuning_v2, lora.
-
-    Folders without ``run.json`` are skipped; other methods follow the four, by name.
-    """
-    folders: list[Path] = []
-    for path in paths:
-        path = Path(path)
-        if (path / "run.json").is_file():
-            folders.append(path)
-        elif path.is_dir():
-            folders.extend(child for child in sorted(path.iterdir()) if (child / "run.json").is_file())
-    unique = list(dict.fromkeys(folder.resolve() for folder in folders))
-    return sorted((load_run(folder) for folder in unique), key=_method_rank)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -183,9 +119,9 @@ def _number(value: Any) -> float | None:
 
 
 def comparison_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
-    """One row per run: what was trained, its main and key metrics, and what it cost (missing values are None)."""
+    """One row per finished run: what was trained, its main and key metrics, and what it cost (missing: None)."""
     rows = []
-    for run in runs:
+    for run in finished_runs(runs):
         info, metrics = run.info, run.metrics
         main = metrics.get("main_metric")
         row: dict[str, Any] = {
@@ -335,6 +271,7 @@ def _memory_panel(ax: Axes, runs: Sequence[Run], rows: Sequence[dict]) -> None:
 def plot_comparison(runs: Sequence[Run], path: str | os.PathLike | None = None) -> Figure:
     """Six panels: loss curves, task metrics, trainable parameters, peak memory, training time, forgetting."""
     fig, axes = _new_figure(2, 3, (17, 9.5))
+    runs = finished_runs(runs)
     rows = comparison_rows(runs)
     plot_loss_curves(runs, ax=axes[0, 0])
     tasks = sorted({run.task for run in runs if run.task})
@@ -357,9 +294,159 @@ def write_comparison(runs: Sequence[Run], out_dir: str | os.PathLike) -> dict[st
     """Write ``comparison.png``, ``comparison.md`` and ``comparison.json`` (the rows) into ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    runs = finished_runs(runs)
     rows = comparison_rows(runs)
     paths = {"png": out / "comparison.png", "md": out / "comparison.md", "json": out / "comparison.json"}
     plot_comparison(runs, paths["png"])
-    paths["md"].write_text(comparison_markdown(rows), encoding="utf-8")
-    paths["json"].write_text(json.dumps(rows, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    write_text(paths["md"], comparison_markdown(rows))
+    write_text(paths["json"], json.dumps(rows, ensure_ascii=False, indent=2) + "\n")
     return paths
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The original courses' published results (data/reference/, described in its README.md)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _reference_file(name: str) -> Path:
+    from .paths import DATA_DIR
+
+    return DATA_DIR / "reference" / name
+
+
+def reference_info() -> dict[str, Any]:
+    """``data/reference/curves.json``: the source of the original INT4 course's loss curves and their settings."""
+    return json.loads(_reference_file("curves.json").read_text(encoding="utf-8"))
+
+
+def load_reference_curves(methods: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
+    """The original INT4 course's loss curves: ``{method: {"steps", "losses", "wall_times", "label", "info"}}``.
+
+    ``methods`` picks some of ``freeze``, ``embedding``, ``ptuning_v2`` (default: all three, in that order).
+    ``label`` names the runs ("original course, real model (Colab A100-40G)"); ``info`` is the method's entry of
+    ``curves.json`` (file, source file, what trained).
+    """
+    import csv
+
+    from .errors import UserError
+
+    info = reference_info()
+    available = list(info["curves"])
+    wanted = available if methods is None else [methods] if isinstance(methods, str) else list(methods)
+    unknown = [m for m in wanted if m not in available]
+    if unknown:
+        raise UserError(f"no reference curve for {', '.join(unknown)} (methods=...): the original course published "
+                        f"curves for {', '.join(available)} only")
+    curves = {}
+    for method in wanted:
+        entry = info["curves"][method]
+        with _reference_file(entry["file"]).open(encoding="utf-8", newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        curves[method] = {
+            "steps": [int(float(row["Step"])) for row in rows],
+            "losses": [float(row["Value"]) for row in rows],
+            "wall_times": [float(row["Wall time"]) for row in rows],
+            "label": info["label"],
+            "info": entry,
+        }
+    return curves
+
+
+def _learner_curves(runs: Any) -> list[tuple[str, str, list[float], list[float]]]:
+    """(label, method, steps, losses) of each run: a :class:`Run` (its loss history) or a (label, steps, losses)."""
+    if runs is None:
+        return []
+    if isinstance(runs, Run):
+        runs = [runs]
+    folders = [run for run in runs if isinstance(run, Run)]
+    labels = iter(run_labels(folders))
+    curves = []
+    for run in runs:
+        if isinstance(run, Run):
+            points = [(row["step"], row["loss"]) for row in run.history
+                      if isinstance(row.get("loss"), (int, float)) and "step" in row]
+            label, method = next(labels), run.method
+        else:
+            label, steps, losses = run
+            points, method = list(zip(steps, losses)), str(label)
+        if points:
+            steps, losses = zip(*points)
+            curves.append((label, method, [float(s) for s in steps], [float(v) for v in losses]))
+    return curves
+
+
+def plot_reference_curves(
+    runs: Any = None,
+    methods: Sequence[str] | None = None,
+    ax: Axes | None = None,
+    smooth_weight: float = 0.9,
+    x: str = "fraction",
+    title: str | None = None,
+) -> Figure:
+    """The original INT4 course's loss curves (dashed) next to your runs (solid), on the same axes.
+
+    ``runs``: :class:`Run` objects (from :func:`load_runs`) or ``(label, steps, losses)`` tuples. ``methods``: the
+    reference curves to draw (default: those of the runs' methods, or all three when none has one). The reference
+    runs lasted 7,200 steps on the real model, a CPU run of the tiny model about 150, so by default
+    (``x="fraction"``) every curve is drawn against the fraction of its own training, with both step counts in the
+    legend; ``x="step"`` draws raw steps on a log axis instead. Different models and vocabularies: compare the
+    shapes of the curves, not their levels.
+    """
+    from .errors import UserError
+
+    if x not in ("fraction", "step"):
+        raise UserError(f"x={x!r}: use 'fraction' (each run's share of its own training) or 'step' (log axis)")
+    learner = _learner_curves(runs)
+    if methods is None:
+        methods = [m for m in dict.fromkeys(method for _, method, _, _ in learner) if m in reference_info()["curves"]]
+    reference = load_reference_curves(methods or None)
+    if ax is None:
+        _, axes = _new_figure(1, 1, (8, 4.8))
+        ax = axes[0, 0]
+
+    def position(steps: Sequence[float]) -> list[float]:
+        return [s / steps[-1] for s in steps] if x == "fraction" else list(steps)
+
+    for method, curve in reference.items():
+        color, steps = method_color(method), curve["steps"]
+        ax.plot(position(steps), curve["losses"], color=color, alpha=0.12, linewidth=0.8)
+        ax.plot(position(steps), smooth(curve["losses"], smooth_weight), color=color, linestyle="--", linewidth=2,
+                label=f"{curve['label']}: {method}, {steps[-1]:,} steps")
+    others = [method for _, method, _, _ in learner if method not in METHOD_COLORS]
+    for label, method, steps, losses in learner:
+        color = method_color(method, others.index(method) if method in others else 0)
+        ax.plot(position(steps), losses, color=color, alpha=0.25, linewidth=1)
+        ax.plot(position(steps), smooth(losses, smooth_weight), color=color, linewidth=2.5,
+                label=f"your run: {label}, {steps[-1]:,.0f} steps")
+    if x == "fraction":
+        ax.set_xlabel("fraction of each run's training (step / its last step)")
+        ax.set_xlim(0, 1)
+    else:
+        ax.set_xscale("log")
+        ax.set_xlabel("step (log scale)")
+    ax.set_ylabel("training loss")
+    ax.set_title(title or "Training loss: the original course next to your run\n"
+                 "(different models and vocabularies: compare the shapes, not the levels)", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return ax.figure
+
+
+def published_results() -> dict[str, Any]:
+    """``data/reference/published.json``: the published comparison of four methods on ChatGLM-6B, with its source."""
+    return json.loads(_reference_file("published.json").read_text(encoding="utf-8"))
+
+
+def published_markdown() -> str:
+    """The published comparison as a Markdown table, with its source and how far to trust small differences."""
+    table = published_results()
+    lines = ["| method (their name) | what trains | trainable share | GPU memory | train time | IE F1 | "
+             f"D2Q score (base {table['d2q_base_model_score']}) |", "|---|---|---|---|---|---|---|"]
+    for row in table["rows"]:
+        share = row["trainable_share_pct"]
+        lines.append(f"| {row['method']} | {row['what_trains']} | {share:g}% | {row['gpu_memory_gb']} GB | "
+                     f"{row['train_minutes']} min | {row['ie_f1']:.4f} | {row['d2q_score']} |")
+    lines.append("")
+    lines.append(f"Source: [{table['repository']} README]({table['source']}) ({table['revision']}); "
+                 f"{table['model']}; {table['training']}. {table['noise']}.")
+    return "\n".join(lines) + "\n"

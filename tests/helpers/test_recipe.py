@@ -1,0 +1,144 @@
+"""Recipes: defaults by model size and GPU, overrides, and every bad value refused before any weights load."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from helpers.errors import UserError
+from helpers.recipe import (
+    LEARNING_RATES,
+    REAL_LEARNING_RATES,
+    REAL_TRAINING,
+    TINY_LENGTHS,
+    TINY_TRAINING,
+    describe,
+    recipe_from_dict,
+    resolve_recipe,
+)
+
+REAL = "THUDM/chatglm-6b-int4"
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Any attempt to load model weights fails the test: recipes read configurations only."""
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("model weights were loaded while resolving a recipe")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+
+
+def test_tiny_model_gets_the_tiny_defaults(tiny_checkpoint, no_weights):
+    recipe = resolve_recipe(str(tiny_checkpoint), "lora", "ie", device="cpu")
+    assert recipe.training.max_steps == TINY_TRAINING["max_steps"]
+    assert recipe.training.learning_rate == LEARNING_RATES["lora"]
+    assert recipe.training.batch_size == TINY_TRAINING["batch_size"]
+    assert recipe.lengths.max_source_length == TINY_LENGTHS["max_source_length"]
+    assert recipe.eval_batch_size == 16 and recipe.dtype == "fp32" and recipe.device == "cpu"
+    assert recipe.task_spec().max_target_length == TINY_LENGTHS["max_target_length"]
+
+
+def test_full_size_model_is_sized_by_the_gpu(no_weights):
+    """The one batch-sizing rule: at least 30 GiB -> batch 4 x 2; a T4 -> batch 1 x 8 with checkpointing."""
+    a100 = resolve_recipe(REAL, "lora", "ie", device="cpu", gpu_memory_gib=40, check_data=False).training
+    t4 = resolve_recipe(REAL, "lora", "ie", device="cpu", gpu_memory_gib=15, check_data=False).training
+    assert (a100.batch_size, a100.gradient_accumulation_steps, a100.gradient_checkpointing) == (4, 2, False)
+    assert (t4.batch_size, t4.gradient_accumulation_steps, t4.gradient_checkpointing) == (1, 8, True)
+    assert a100.max_steps == REAL_TRAINING["max_steps"] and a100.learning_rate == REAL_LEARNING_RATES["lora"]
+    dequantized = resolve_recipe(REAL, "freeze", "ie", method_options={"dequantize": True}, device="cpu",
+                                 check_data=False)
+    assert dequantized.training.learning_rate == REAL_LEARNING_RATES["freeze_dequantized"]
+    assert dequantized.method_options == {"layers": 5, "dequantize": True}
+
+
+def test_overrides_win_and_a_short_run_shortens_warmup_and_saves_at_its_end(tiny_checkpoint):
+    recipe = resolve_recipe(str(tiny_checkpoint), "ptuning_v2", "gen", device="cpu",
+                            training={"max_steps": 8, "learning_rate": 0.02, "batch_size": None},
+                            lengths={"max_new_tokens": 5}, method_options={"pre_seq_len": 4})
+    assert recipe.training.max_steps == 8 and recipe.training.learning_rate == 0.02
+    assert recipe.training.batch_size == TINY_TRAINING["batch_size"]  # None: not given
+    assert recipe.training.warmup_steps == 1 and recipe.training.save_steps == 8
+    assert recipe.lengths.max_new_tokens == 5 and recipe.method_options["pre_seq_len"] == 4
+
+
+def test_freeze_layers_are_clipped_to_a_smaller_model(tiny_checkpoint):
+    layers = json.loads((tiny_checkpoint / "config.json").read_text())["num_layers"]
+    assert resolve_recipe(str(tiny_checkpoint), "freeze", device="cpu").method_options["layers"] == layers
+    assert resolve_recipe(REAL, "freeze", device="cpu", check_data=False).method_options["layers"] == 5
+
+
+@pytest.mark.parametrize("overrides, option", [
+    ({"training": {"max_steps": 0}}, "--steps"),
+    ({"training": {"max_steps": -3}}, "--steps"),
+    ({"training": {"learning_rate": 0.0}}, "--lr"),
+    ({"training": {"learning_rate": float("nan")}}, "--lr"),
+    ({"training": {"learning_rate": float("inf")}}, "--lr"),
+    ({"training": {"batch_size": 0}}, "--batch-size"),
+    ({"training": {"gradient_accumulation_steps": 0}}, "--grad-accum"),
+    ({"training": {"save_steps": 0}}, "--save-steps"),
+    ({"training": {"warmup_steps": -1}}, "--warmup-steps"),
+    ({"training": {"epochs": 3}}, "epochs"),
+    ({"eval_limit": 0}, "--eval-limit"),
+    ({"eval_limit": -1}, "--eval-limit"),
+    ({"lengths": {"max_source_length": 0}}, "--max-source-length"),
+    ({"lengths": {"max_new_tokens": -5}}, "--max-new-tokens"),
+    ({"method_options": {"r": 0}}, "--r"),
+    ({"method_options": {"alpha": 0}}, "--alpha"),
+    ({"device": "tpu"}, "--device"),
+    ({"dtype": "fp8"}, "--dtype"),
+])
+def test_bad_values_are_refused_naming_the_option(tiny_checkpoint, no_weights, overrides, option):
+    with pytest.raises(UserError, match=option):
+        resolve_recipe(str(tiny_checkpoint), "lora", "ie", **{"device": "cpu", **overrides})
+
+
+def test_unknown_method_task_and_model_are_refused(tiny_checkpoint, tmp_path, no_weights):
+    with pytest.raises(UserError, match="unknown method 'bitfit'"):
+        resolve_recipe(str(tiny_checkpoint), "bitfit", "ie", device="cpu")
+    with pytest.raises(UserError, match="unknown task 'ner'"):
+        resolve_recipe(str(tiny_checkpoint), "lora", "ner", device="cpu")
+    with pytest.raises((UserError, FileNotFoundError), match="config.json"):
+        resolve_recipe(str(tmp_path), "lora", "ie", device="cpu")  # a folder that is no checkpoint
+
+
+def test_data_files_are_checked_before_any_weights_load(tiny_checkpoint, tmp_path, no_weights):
+    with pytest.raises(UserError, match=r"--train-file\) .*missing.jsonl: no such file"):
+        resolve_recipe(str(tiny_checkpoint), "lora", "ie", device="cpu", train_file=tmp_path / "missing.jsonl")
+    broken = tmp_path / "test.jsonl"
+    broken.write_text('{"text": "发动机抖动", "answer": "发动机_性能故障_抖动"}\n{"text": oops}\n', encoding="utf-8")
+    with pytest.raises(UserError, match=f"{broken}:2"):
+        resolve_recipe(str(tiny_checkpoint), "lora", "ie", device="cpu", test_file=broken)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n", encoding="utf-8")
+    with pytest.raises(UserError, match="no examples|empty"):
+        resolve_recipe(str(tiny_checkpoint), "lora", "ie", device="cpu", train_file=empty)
+
+
+def test_recipe_is_immutable_and_round_trips(tiny_checkpoint):
+    options = {"r": 4}
+    recipe = resolve_recipe(str(tiny_checkpoint), "lora", "ie", device="cpu", method_options=options)
+    options["r"] = 16  # the caller's dict changes; the recipe does not
+    assert recipe.method_options["r"] == 4
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        recipe.method = "freeze"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        recipe.training.learning_rate = 1.0
+    assert recipe_from_dict(json.loads(json.dumps(recipe.to_dict()))) == recipe
+
+
+def test_differences_name_each_changed_setting(tiny_checkpoint):
+    stored = resolve_recipe(str(tiny_checkpoint), "lora", "ie", device="cpu").to_dict()
+    asked = resolve_recipe(str(tiny_checkpoint), "lora", "ie", device="cpu",
+                           training={"learning_rate": 0.01}, method_options={"r": 4})
+    diffs = asked.differences(stored)
+    assert [(key, old, new) for key, old, new in diffs] == [("method_options.r", 8, 4),
+                                                            ("training.learning_rate", 0.005, 0.01)]
+    assert describe(*diffs[1][:2]) == "lr=0.005"
+    assert asked.differences(asked.to_dict()) == []
+    moved = {**asked.to_dict(), "device": "cuda"}  # where it runs is not what it trains
+    assert asked.differences(moved) == []

@@ -1,0 +1,166 @@
+"""Run records: typed, atomic, readable by everyone; load_runs never mixes unfinished runs in; checkpoint checks."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from helpers import runs
+from helpers.errors import UserError
+from helpers.plotting import comparison_rows, write_comparison
+from helpers.runs import RunRecord, last_complete_checkpoint, load_runs
+
+
+def mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_record_round_trips_and_is_written_0644(tmp_path):
+    record = RunRecord(tmp_path / "r", name="r", method="lora", task="ie", model="tiny", global_step=3,
+                       hyperparameters={"max_steps": 3}).save()
+    assert mode(record.path) == 0o644
+    again = RunRecord.load(tmp_path / "r")
+    assert again == record and again.status == "running"
+    assert record.write_metrics({"f1": 0.5}).name == "metrics.json" and mode(tmp_path / "r" / "metrics.json") == 0o644
+    assert again.metrics() == {"f1": 0.5}
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["metrics.json", "run.json"]  # no temporary files
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    """A crash while writing leaves the previous run.json whole (temporary file + rename)."""
+    record = RunRecord(tmp_path, name="x", status="running").save()
+    before = record.path.read_bytes()
+
+    def crash(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        record.update(status="finished", global_step=9)
+    assert record.path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["run.json"]  # the temporary file was removed
+
+
+def test_unknown_keys_are_kept_and_bad_records_are_named(tmp_path):
+    (tmp_path / "run.json").write_text(json.dumps({"name": "old", "status": "finished", "note": "kept"}))
+    record = RunRecord.load(tmp_path)
+    assert record.extra == {"note": "kept"} and record.to_dict()["note"] == "kept"
+    (tmp_path / "run.json").write_text('{"name": "cut off", "sta')
+    with pytest.raises(UserError, match="run.json: not valid JSON"):
+        RunRecord.load(tmp_path)
+    (tmp_path / "run.json").write_text(json.dumps({"status": "exploded"}))
+    with pytest.raises(UserError, match="unknown status 'exploded'"):
+        RunRecord.load(tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="has no run.json"):
+        RunRecord.load(tmp_path / "empty")
+    with pytest.raises(UserError, match="does not exist"):
+        RunRecord.load(tmp_path / "nowhere")
+
+
+def test_a_finished_record_of_an_older_version_counts_as_trained(tmp_path):
+    (tmp_path / "run.json").write_text(json.dumps({"name": "old", "status": "finished", "global_step": 5}))
+    assert RunRecord.load(tmp_path).trained
+    (tmp_path / "run.json").write_text(json.dumps({"name": "old", "status": "running", "global_step": 5}))
+    assert not RunRecord.load(tmp_path).trained
+
+
+def write(folder, status, method="lora", error=None, **values):
+    record = RunRecord(folder, name=folder.name, status=status, method=method, task="ie", error=error,
+                       trainable_params=10, all_params=100, **values).save()
+    (folder / "loss_history.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    return record
+
+
+def test_load_runs_leaves_unfinished_and_failed_runs_out_with_a_note(tmp_path, capsys):
+    write(tmp_path / "done", "finished", trained_at="t")
+    write(tmp_path / "going", "running", method="freeze", global_step=2)
+    write(tmp_path / "broke", "failed", method="embedding", error="RuntimeError: boom")
+    assert [r.name for r in load_runs(tmp_path)] == ["done"]
+    out = capsys.readouterr().out
+    assert "going: not finished at step 2" in out and "broke: failed (RuntimeError: boom)" in out
+    everything = load_runs(tmp_path, unfinished=True)
+    assert [(r.name, r.status) for r in everything] == [("going", "running"), ("broke", "failed"),
+                                                        ("done", "finished")]
+
+
+def test_tables_and_figures_skip_unfinished_runs(tmp_path, capsys):
+    write(tmp_path / "done", "finished")
+    write(tmp_path / "broke", "failed", error="ValueError: x")
+    every = load_runs(tmp_path, unfinished=True)
+    capsys.readouterr()
+    assert [row["name"] for row in comparison_rows(every)] == ["done"]
+    assert "broke: failed" in capsys.readouterr().out
+    paths = write_comparison(every, tmp_path / "out")
+    assert [row["name"] for row in json.loads(paths["json"].read_text())] == ["done"]
+    assert mode(paths["md"]) == mode(paths["json"]) == 0o644
+
+
+def test_start_over_removes_only_the_runs_own_files(tmp_path):
+    write(tmp_path, "failed", error="x")
+    for name in ("checkpoints/checkpoint-2", "tb", "artifact", "eval-1"):
+        (tmp_path / name).mkdir(parents=True)
+    (tmp_path / "eval-1" / "metrics.json").write_text("{}")
+    (tmp_path / "my_notes.txt").write_text("mine")
+    runs.start_over(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["my_notes.txt"]
+
+
+def make_checkpoint(root, step: int, method: str = "freeze"):
+    folder = root / "checkpoints" / f"checkpoint-{step}"
+    folder.mkdir(parents=True)
+    save_file({"w": torch.ones(4)}, folder / runs.TRAINABLE_FILE)
+    (folder / runs.METHOD_FILE).write_text(json.dumps({"method": method, "options": {}}))
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
+        torch.save({"step": step}, folder / name)
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    return folder
+
+
+def test_complete_checkpoint_passes_every_check(tmp_path):
+    folder = make_checkpoint(tmp_path, 4)
+    assert runs.checkpoint_problem(folder) is None
+    assert last_complete_checkpoint(tmp_path) == folder
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda f: (f / "trainer_state.json").unlink(), "trainer_state.json missing"),
+    (lambda f: (f / "trainer_state.json").write_text('{"global_'), "trainer_state.json is not valid JSON"),
+    (lambda f: (f / "trainer_state.json").write_text('{"global_step": 2}'), "at step 2"),
+    (lambda f: (f / "optimizer.pt").write_bytes((f / "optimizer.pt").read_bytes()[:50]), "optimizer.pt is cut off"),
+    (lambda f: (f / "rng_state.pth").unlink(), "rng_state.pth missing"),
+    (lambda f: (f / runs.TRAINABLE_FILE).write_bytes((f / runs.TRAINABLE_FILE).read_bytes()[:-4]), "cut off"),
+    (lambda f: (f / runs.METHOD_FILE).unlink(), "method.json missing"),
+])
+def test_half_written_checkpoint_is_skipped_and_removed(tmp_path, capsys, damage, problem):
+    """A kill while ``checkpoint-4/`` was being saved: resume from ``checkpoint-2/`` and remove the broken one."""
+    earlier = make_checkpoint(tmp_path, 2)
+    broken = make_checkpoint(tmp_path, 4)
+    damage(broken)
+    assert problem in runs.checkpoint_problem(broken)
+    assert last_complete_checkpoint(tmp_path) == earlier
+    assert not broken.exists()
+    assert "checkpoint-4: incomplete checkpoint" in capsys.readouterr().out
+
+
+def test_lora_artifact_checks_its_adapter_files(tmp_path):
+    (tmp_path / runs.METHOD_FILE).write_text(json.dumps({"method": "lora", "options": {}}))
+    assert "adapter_config.json missing" in runs.artifact_problem(tmp_path)
+    (tmp_path / "adapter_config.json").write_text("{}")
+    assert "adapter_model.safetensors: missing" in runs.artifact_problem(tmp_path)
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"\x10")
+    assert "not a safetensors file" in runs.artifact_problem(tmp_path)
+    save_file({"a": torch.zeros(2)}, tmp_path / "adapter_model.safetensors")
+    assert runs.artifact_problem(tmp_path) is None
+
+
+def test_evaluation_folders_never_collide(tmp_path):
+    first = runs.evaluation_folder(tmp_path)
+    first.mkdir()
+    second = runs.evaluation_folder(tmp_path)
+    assert first.name.startswith("eval-") and second != first and second.parent == tmp_path
