@@ -11,7 +11,6 @@ import dataclasses
 import json
 import os
 import platform
-import shutil
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -22,11 +21,12 @@ import torch
 from transformers import TrainerCallback
 
 from .data import IGNORE_INDEX, TASKS, Example, Task, encode_example, get_task
-from .files import write_json
 from .methods import METHODS, apply_method
 from .models import default_dtype, is_small_model, meta_model
-from .pipeline import TINY_LENGTHS, run_method, training_defaults
-from .plotting import METHOD_COLORS, Run, comparison_markdown, comparison_rows, plot_comparison, smooth
+from .pipeline import run_method
+from .plotting import METHOD_COLORS, comparison_markdown, comparison_rows, plot_comparison, smooth
+from .recipe import TINY_LENGTHS, training_settings
+from .runs import Run, RunRecord, read_predictions, start_over
 
 REAL_MODEL = "THUDM/chatglm-6b-int4"
 ENV_PREFIX = "COURSE_"
@@ -206,20 +206,13 @@ def training_options(method: str, toy: bool, steps: int | None = None, dequantiz
                      gpu_memory_gib: float | None = None, **overrides: Any) -> dict[str, Any]:
     """Hyper-parameters for ``helpers.train``: the tiny recipe on CPU, or settings sized to the GPU.
 
-    On a GPU with under 30 GiB (T4) the batch shrinks to 1 with 8 accumulation steps and gradient checkpointing,
-    so the effective batch stays 8.
+    The same rule as the command line (:func:`helpers.recipe.training_settings`): on a GPU with under 30 GiB (T4)
+    the batch shrinks to 1 with 8 accumulation steps and gradient checkpointing, so the effective batch stays 8.
     """
-    options = training_defaults(method, toy, dequantized)
+    memory = None
     if not toy:
-        memory = gpu_memory_gib if gpu_memory_gib is not None else runtime_info()["gpu_memory_gib"] or 0
-        big = memory >= 30
-        options.update(batch_size=4 if big else 1, gradient_accumulation_steps=2 if big else 8,
-                       gradient_checkpointing=not big)
-    if steps:
-        options.update(max_steps=steps, warmup_steps=min(options["warmup_steps"], steps // 5),
-                       save_steps=min(options["save_steps"], steps))
-    options.update({k: v for k, v in overrides.items() if v is not None})
-    return options
+        memory = gpu_memory_gib if gpu_memory_gib is not None else runtime_info()["gpu_memory_gib"]
+    return training_settings(method, toy, dequantized, memory, {"max_steps": steps, **overrides})
 
 
 def _plain(value: Any) -> Any:
@@ -230,20 +223,21 @@ def prepare_run(runs_dir: str | os.PathLike, name: str, model: str, method_optio
                 training: dict) -> tuple[Path, bool]:
     """(run folder, resume?): continue an interrupted run of the same settings, otherwise start afresh.
 
-    A finished run, or one with another model or settings, is replaced (its folder is removed).
+    A finished run, or one with another model or settings, is replaced (its run files are removed).
     """
     run_dir = Path(runs_dir) / name
-    info_file = run_dir / "run.json"
-    if not info_file.is_file():
+    record = RunRecord.find(run_dir)
+    if record is None:
         return run_dir, False
-    info = json.loads(info_file.read_text(encoding="utf-8"))
-    hyper = info.get("hyperparameters", {})
-    same = (info.get("model") == str(model) and _plain(info.get("method_options")) == _plain(method_options)
+    hyper = record.hyperparameters
+    same = (record.model == str(model) and _plain(record.method_options) == _plain(method_options)
             and all(hyper.get(k) == v for k, v in _plain(training).items() if k in hyper))
-    if same and info.get("status") == "running":
+    if same and record.status != "finished" and not record.trained:
         print(f"Continuing the interrupted run in {run_dir} from its last checkpoint.")
         return run_dir, True
-    shutil.rmtree(run_dir)
+    start_over(run_dir)
+    if run_dir.is_dir() and not any(run_dir.iterdir()):
+        run_dir.rmdir()
     print(f"Replacing the earlier run in {run_dir}.")
     return run_dir, False
 
@@ -412,10 +406,8 @@ def show_metrics(metrics: Mapping[str, Any]) -> Table:
 
 def show_predictions(run_dir: str | os.PathLike, n: int = 3, width: int = 60) -> Table:
     """The first ``n`` test answers of a run next to their references (from ``predictions.jsonl``)."""
-    path = Path(run_dir) / "predictions.jsonl"
     lines = ["| text | model's answer | reference |", "|---|---|---|"]
-    for line in path.read_text(encoding="utf-8").splitlines()[:n]:
-        row = json.loads(line)
+    for row in read_predictions(run_dir, limit=n):
         lines.append(f"| {_cell(row['text'], width)} | {_cell(row['prediction'], width)} | "
                      f"{_cell(row['references'][0], width)} |")
     return Table("\n".join(lines))
@@ -516,7 +508,7 @@ def heldout_perplexity(model, tokenizer, limit: int | None = None) -> float:
 
 def save_metrics(run_dir: str | os.PathLike, metrics: Mapping[str, Any]) -> Path:
     """Write ``metrics.json`` of a run (what ``05_compare`` and ``helpers.load_runs`` read)."""
-    return write_json(Path(run_dir) / "metrics.json", dict(metrics))
+    return RunRecord.load(run_dir).write_metrics(dict(metrics))
 
 
 def tensorboard_hint(logdir: str | os.PathLike) -> None:

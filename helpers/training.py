@@ -1,14 +1,20 @@
 """Training on ``transformers.Trainer`` (so ``torchrun``, ``accelerate launch`` and DeepSpeed work unchanged).
 
-A run writes ``runs/<name>/``:
+A run writes ``runs/<name>/`` (see :mod:`helpers.runs`, which owns the folder's layout):
 
-* ``run.json``: method, task, model, hyper-parameters, versions, seed, parameter counts, time, peak memory;
+* ``run.json``: the run record — status, method, task, model, hyper-parameters, versions, seed, parameter
+  counts, time, peak memory;
 * ``loss_history.jsonl`` and ``loss_history.csv``: one line per logged step, appended as training goes;
 * ``tb/``: TensorBoard events;
 * ``artifact/``: only what the method changed — a peft LoRA adapter, or the trained tensors in safetensors
   (prefix encoder, LayerNorms, embeddings, dequantized layers) plus ``method.json`` — never the base model;
 * ``checkpoints/checkpoint-<step>/``: the same small artifact plus optimizer/scheduler/RNG state, so an
-  interrupted run resumes exactly where it stopped (``train(..., resume=True)``, the default).
+  interrupted run resumes exactly where it stopped (``train(..., resume=True)``, the default). Only complete
+  checkpoints are used; one cut off by a kill is removed and the one before is taken. The loss history and the
+  TensorBoard events are cut back to the checkpoint's step, so no step appears twice.
+
+A finished run is not trained again: ``train`` returns its stored result. A folder holding a run with other
+settings is refused (``resume=False`` starts over).
 """
 
 from __future__ import annotations
@@ -29,16 +35,23 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import ProgressCallback
-from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils.notebook import NotebookProgressCallback
 
 from .data import Collator
+from .errors import UserError
 from .files import read_history, write_json
 from .methods import MethodSetup, apply_method, base_dtype
+from .runs import (
+    ARTIFACT,
+    METHOD_FILE,
+    TRAINABLE_FILE,
+    RunRecord,
+    artifact_problem,
+    last_complete_checkpoint,
+    now,
+    start_over,
+)
 
-ARTIFACT = "artifact"
-TRAINABLE_FILE = "trainable.safetensors"
-METHOD_FILE = "method.json"
 HISTORY_FIELDS = ("step", "epoch", "loss", "learning_rate", "grad_norm", "elapsed_s")
 
 
@@ -239,6 +252,60 @@ def _peak_memory(device: torch.device) -> tuple[int, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "rss"
 
 
+def truncate_events(folder: str | os.PathLike, step: int) -> None:
+    """Drop the TensorBoard events logged after ``step`` (a resumed run logs those steps again); 0 drops all."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        if step == 0:
+            path.unlink()
+            continue
+        try:
+            records = list(RawEventFileLoader(str(path)).Load())
+        except Exception:  # noqa: BLE001 - a file cut off by a kill: keep what can be read
+            records = []
+        kept = [record for record in records if Event.FromString(record).step <= step]
+        if len(kept) == len(records) and records:
+            continue
+        tmp = path.with_name(".truncating-" + path.name)
+        with tmp.open("wb") as handle:
+            writer = RecordWriter(handle)
+            for record in kept:
+                writer.write(record)
+            writer.flush()
+        os.replace(tmp, path)
+
+
+TRAINING_IDENTITY_IGNORED = ("progress", "dataloader_num_workers")
+
+
+def _settings_differences(record: RunRecord, info: dict) -> list[tuple[str, object, object]]:
+    """(setting, stored, new) where an earlier run in the folder trained something else."""
+    stored = {"model": record.model, "method": record.method, "task": record.task,
+              "method_options": json.loads(json.dumps(record.method_options, default=str))}
+    asked = {k: json.loads(json.dumps(info[k], default=str)) for k in stored}
+    diffs = [(k, stored[k], asked[k]) for k in stored if stored[k] not in (None, {}) and stored[k] != asked[k]]
+    old = record.hyperparameters or {}
+    for key, value in info["hyperparameters"].items():
+        if key in old and key not in TRAINING_IDENTITY_IGNORED and old[key] != value:
+            diffs.append((key, old[key], value))
+    return diffs
+
+
+def refuse_other_settings(folder: Path, diffs: list[tuple[str, object, object]], start_over_hint: str) -> None:
+    """Raise the one-line error of a folder that already holds a run with other settings."""
+    from .recipe import describe
+
+    was = ", ".join(describe(key, old) for key, old, _ in diffs)
+    asks = ", ".join(describe(key, new) for key, _, new in diffs)
+    raise UserError(f"{folder}: exists with {was}, this command asks {asks}; {start_over_hint}")
+
+
 def train(
     model: nn.Module | MethodSetup,
     tokenizer,
@@ -247,54 +314,75 @@ def train(
     task: str | None = None,
     resume: bool = True,
     callbacks: list[TrainerCallback] | None = None,
+    recipe: dict | None = None,
+    finish: bool = True,
     **hyperparameters,
 ) -> TrainResult:
     """Train ``model`` (ideally a :class:`MethodSetup` from ``helpers.methods``) on ``dataset``; write ``out_dir``.
 
     ``hyperparameters`` are :class:`TrainingConfig` fields. With ``resume`` an earlier, interrupted run in the
-    same folder continues from its last checkpoint (same loss sequence as an uninterrupted run).
+    same folder continues from its last complete checkpoint (same loss sequence as an uninterrupted run), and a
+    finished one is returned as it is, without training; a folder whose run had other settings is refused.
+    ``resume=False`` starts over. ``recipe`` (a :meth:`Recipe.to_dict`) is stored in the run record;
+    ``finish=False`` leaves the record ``running`` for a caller that evaluates next.
     """
+    from .recipe import TrainingSettings, check_training
+
     setup = model if isinstance(model, MethodSetup) else MethodSetup(model, "custom")
     model = setup.model
     unknown = set(hyperparameters) - {f.name for f in TrainingConfig.__dataclass_fields__.values()}
     if unknown:
         raise TypeError(f"unknown training option(s): {', '.join(sorted(unknown))}")
     config = TrainingConfig(**hyperparameters)
+    check_training({k: v for k, v in asdict(config).items() if k in TrainingSettings.__dataclass_fields__})
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("nothing to train: apply a method (helpers.freeze/embedding/ptuning_v2/lora) first")
     run_dir = Path(out_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     main_process = is_main_process()  # under torchrun/accelerate only rank 0 writes files
-    checkpoint_dir = run_dir / "checkpoints"
-    last = get_last_checkpoint(str(checkpoint_dir)) if resume and checkpoint_dir.is_dir() else None
-    resumed_step = int(last.rsplit("-", 1)[-1]) if last else 0
-
     device = next(model.parameters()).device
     base = model.get_base_model() if isinstance(model, PeftModel) else model
+    model_name = getattr(base.config, "name_or_path", None) or getattr(base, "name_or_path", None)
     info = {
-        "name": run_dir.name,
         "method": setup.method,
         "method_options": setup.options,
         "task": task,
-        "model": getattr(base.config, "name_or_path", None) or getattr(base, "name_or_path", None),
-        "quantization_bit": getattr(base.config, "quantization_bit", 0),
-        "device": str(device),
-        "dtype": str(next(base.parameters()).dtype).replace("torch.", ""),
+        "model": model_name,
         "hyperparameters": asdict(config),
-        "seed": config.seed,
-        "versions": _versions(),
-        "trainable_params": setup.trainable_params,
-        "all_params": setup.all_params,
-        "train_examples": len(dataset),
-        "status": "running",
-        "resumed_from_step": resumed_step,
-        "world_size": int(os.environ.get("WORLD_SIZE", "1")),
     }
+
+    record = RunRecord.find(run_dir)
+    if record is not None and not resume:
+        print(f"{run_dir}: starting over (the earlier run's files are removed).")
+        start_over(run_dir)
+        record = None
+    last = last_complete_checkpoint(run_dir) if record is not None else None
+    if record is not None:
+        diffs = _settings_differences(record, info)
+        if diffs and (record.trained or last is not None):
+            refuse_other_settings(run_dir, diffs, "train with resume=False to start over, or use another folder")
+        if record.trained and not diffs:
+            print(f"{record.summary()}: already trained; not training again (resume=False starts over).")
+            return TrainResult(run_dir, record.to_dict(), record.history())
+        if diffs:  # nothing to lose: no checkpoint, never finished
+            print(f"{run_dir}: replacing an earlier run that had no checkpoint yet.")
+            start_over(run_dir)
+            record, last = None, None
+    resumed_step = int(last.name.rsplit("-", 1)[-1]) if last else 0
+    record = record or RunRecord(run_dir)
+    record.recipe = recipe or record.recipe
+    record.update(
+        name=run_dir.name, status="running", error=None, model_path=_model_path(base, model_name), **info,
+        quantization_bit=getattr(base.config, "quantization_bit", 0) or 0, device=str(device),
+        dtype=str(next(base.parameters()).dtype).replace("torch.", ""), seed=config.seed, versions=_versions(),
+        trainable_params=setup.trainable_params, all_params=setup.all_params, train_examples=len(dataset),
+        resumed_from_step=resumed_step, world_size=int(os.environ.get("WORLD_SIZE", "1")),
+        started_at=record.started_at or now(), trained_at=None, finished_at=None,
+    )
     if main_process:
-        write_json(run_dir / "run.json", info)
+        truncate_events(run_dir / "tb", resumed_step)
 
     args = TrainingArguments(
-        output_dir=str(checkpoint_dir),
+        output_dir=str(run_dir / "checkpoints"),
         max_steps=config.max_steps,
         per_device_train_batch_size=config.batch_size,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
@@ -341,44 +429,63 @@ def train(
     _reset_peak_memory(device)
     at_start = _current_memory(device)
     started = time.time()
-    output = trainer.train(resume_from_checkpoint=last)  # the TensorBoard callback closes its writer at the end
+    try:
+        if resumed_step >= config.max_steps:  # the last checkpoint is the end: take its tensors, train no more
+            trainer._load_from_checkpoint(str(last))
+            global_step = resumed_step
+        else:  # the TensorBoard callback closes its writer at the end
+            global_step = trainer.train(resume_from_checkpoint=str(last) if last else None).global_step
+    except KeyboardInterrupt:
+        record.mark_failed(f"interrupted at step {trainer.state.global_step} (KeyboardInterrupt); run the same "
+                           "command again to resume from the last checkpoint")
+        raise
+    except Exception as error:
+        record.mark_failed(error)
+        raise
     model.eval()
     history = read_history(run_dir / "loss_history.jsonl")
     if not main_process:
-        return TrainResult(run_dir, info, history)
+        return TrainResult(run_dir, record.to_dict(), history)
     save_artifact(model, run_dir / ARTIFACT, setup.method, setup.options)
     peak, kind = _peak_memory(device)
-    info.update(
-        status="finished",
-        global_step=output.global_step,
+    record.update(
+        global_step=global_step,
         train_runtime_s=round(time.time() - started, 2),
         peak_memory_bytes=int(peak),
         peak_memory_kind=kind,
         memory_at_start_bytes=int(at_start),
         final_loss=history[-1]["loss"] if history else None,
+        trained_at=now(),
     )
-    write_json(run_dir / "run.json", info)
-    return TrainResult(run_dir, info, history)
+    if finish:
+        record.mark_finished()
+    return TrainResult(run_dir, record.to_dict(), history)
 
 
-def load_finetuned(run_dir: str | os.PathLike, device: torch.device | str | None = None,
-                   dtype: torch.dtype | str | None = None):
-    """(model, tokenizer) rebuilt from a run folder: its base model, its method, and its small artifact."""
-    from .models import load_model
+def _model_path(base: nn.Module, name: str | None) -> str | None:
+    """The absolute folder the base model's weights came from (the cache folder for "tiny" or a hub name)."""
+    folder = getattr(base.config, "_name_or_path", None)
+    for candidate in (folder, name):
+        if candidate and Path(str(candidate)).expanduser().is_dir():
+            return str(Path(str(candidate)).expanduser().resolve())
+    return None
 
-    run_dir = Path(run_dir)
-    info = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
-    if not info.get("model"):
-        raise ValueError(f"{run_dir / 'run.json'} does not name its base model")
-    model, tokenizer = load_model(info["model"], device=device, dtype=dtype)
-    if info.get("quantization_bit") and not model.config.quantization_bit:
-        model.quantize(info["quantization_bit"])
-    artifact = run_dir / ARTIFACT
+
+def attach_artifact(model: nn.Module, artifact: str | os.PathLike) -> nn.Module:
+    """``model`` (a freshly loaded base) with a run's artifact applied: its method, then the trained tensors.
+
+    Returns the model to use (a peft wrapper for LoRA). Checks the artifact's files first and names a missing or
+    damaged one.
+    """
+    artifact = Path(artifact)
+    problem = artifact_problem(artifact)
+    if problem:
+        raise UserError(f"{problem}; the run's artifact is incomplete: train the run again (--fresh)")
     method = json.loads((artifact / METHOD_FILE).read_text(encoding="utf-8"))
     if method["method"] == "lora":
         from chatglm.lora import load_lora
 
-        return load_lora(model, artifact).eval(), tokenizer
+        return load_lora(model, artifact).eval()
     setup = apply_method(model, method["method"], **method["options"]) if method["method"] != "custom" else None
     model = setup.model if setup else model
     load_artifact(model, artifact)
@@ -389,4 +496,24 @@ def load_finetuned(run_dir: str | os.PathLike, device: torch.device | str | None
         param.requires_grad_(False)
         if param.dtype.is_floating_point and param.dtype != dtype and "prefix_encoder" not in name:
             param.data = param.data.to(dtype)
-    return model.eval(), tokenizer
+    return model.eval()
+
+
+def load_finetuned(run_dir: str | os.PathLike, device: torch.device | str | None = None,
+                   dtype: torch.dtype | str | None = None):
+    """(model, tokenizer) rebuilt from a run folder: its base model, its method, and its small artifact."""
+    from .models import load_model
+
+    record = RunRecord.load(run_dir)
+    if not record.trained:
+        raise UserError(f"{record.summary()}: training did not finish, so there is no artifact to load; run its "
+                        "command again to resume")
+    if not record.model:
+        raise UserError(f"{record.path} does not name its base model; train the run again (--fresh)")
+    problem = artifact_problem(record.folder / ARTIFACT)
+    if problem:  # checked before the base model loads
+        raise UserError(f"{problem}; the run's artifact is incomplete: train the run again (--fresh)")
+    model, tokenizer = load_model(record.model, device=device, dtype=dtype)
+    if record.quantization_bit and not model.config.quantization_bit:
+        model.quantize(record.quantization_bit)
+    return attach_artifact(model, record.folder / ARTIFACT), tokenizer

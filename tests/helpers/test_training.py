@@ -1,14 +1,18 @@
-"""Training runs: run folder, loss history, small artifacts, reload, resume."""
+"""Training runs: run folder, loss history, small artifacts, reload, resume (also from a half-written checkpoint)."""
 
 import json
+import os
+import stat
 
 import pytest
 import torch
 from transformers import TrainerCallback
 
 from helpers.data import EncodedDataset, load_split
+from helpers.errors import UserError
 from helpers.methods import apply_method
 from helpers.models import load_model
+from helpers.runs import RunRecord, load_runs
 from helpers.training import load_finetuned, read_history, train
 
 OPTIONS = {"freeze": {"layers": 1}, "embedding": {}, "ptuning_v2": {"pre_seq_len": 4}, "lora": {"r": 4}}
@@ -90,10 +94,97 @@ def test_interrupted_run_resumes_with_the_same_losses(tiny_checkpoint, tmp_path)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "resumed", [StopAt(5)])  # stops after step 5 ran, before it was logged
     assert [r["step"] for r in read_history(tmp_path / "resumed" / "loss_history.jsonl")] == [1, 2, 3, 4]
-    assert json.loads((tmp_path / "resumed" / "run.json").read_text())["status"] == "running"
+    record = RunRecord.load(tmp_path / "resumed")
+    assert record.status == "failed" and "interrupted at step 5" in record.error and not record.trained
     resumed = run(tmp_path / "resumed").history
     assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
     assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in straight], rel=1e-6)
+    assert tensorboard_steps(tmp_path / "resumed") == [1, 2, 3, 4, 5, 6]
+    assert RunRecord.load(tmp_path / "resumed").status == "finished"
+
+
+def tensorboard_steps(run_dir) -> list[int]:
+    """Steps of every ``train/loss`` event in the run's TensorBoard files (duplicates kept, in file order)."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    steps = []
+    for path in sorted((run_dir / "tb").glob("events.out.tfevents.*"), key=os.path.getmtime):
+        for event in EventFileLoader(str(path)).Load():
+            steps += [event.step for value in event.summary.value if value.tag == "train/loss"]
+    return steps
+
+
+def lora_run(checkpoint, folder, callbacks=None, steps=6, **options):
+    model, tokenizer = load_model(str(checkpoint))
+    torch.manual_seed(0)
+    setup = apply_method(model, "lora", r=4, dropout=0.1)
+    return train(setup, tokenizer, small_dataset(tokenizer), folder, task="ie", max_steps=steps, batch_size=4,
+                 learning_rate=options.pop("learning_rate", 1e-2), save_steps=2, progress=False,
+                 callbacks=callbacks, **options)
+
+
+def test_kill_while_saving_a_checkpoint_resumes_from_the_one_before(tiny_checkpoint, tmp_path, capsys):
+    """A kill during the save of checkpoint-4 leaves it half-made; the rerun takes checkpoint-2 and no step repeats."""
+    straight = lora_run(tiny_checkpoint, tmp_path / "straight").history
+    with pytest.raises(KeyboardInterrupt):
+        lora_run(tiny_checkpoint, tmp_path / "killed", [StopAt(5)])
+    half = tmp_path / "killed" / "checkpoints" / "checkpoint-4"
+    (half / "trainer_state.json").unlink()  # Trainer writes it last: a kill before it leaves this
+    adapter = half / "adapter_model.safetensors"
+    adapter.write_bytes(adapter.read_bytes()[: adapter.stat().st_size // 2])
+    capsys.readouterr()
+    resumed = lora_run(tiny_checkpoint, tmp_path / "killed")
+    assert "checkpoint-4: incomplete checkpoint (trainer_state.json missing)" in capsys.readouterr().out
+    assert resumed.info["resumed_from_step"] == 2
+    assert [r["step"] for r in resumed.history] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in resumed.history] == pytest.approx([r["loss"] for r in straight], rel=1e-6)
+    csv_steps = [line.split(",")[0] for line in (tmp_path / "killed" / "loss_history.csv").read_text().splitlines()]
+    assert csv_steps == ["step", "1", "2", "3", "4", "5", "6"]
+    assert tensorboard_steps(tmp_path / "killed") == [1, 2, 3, 4, 5, 6]
+
+
+def test_finished_run_is_not_trained_again(tiny_checkpoint, tmp_path, capsys):
+    first = lora_run(tiny_checkpoint, tmp_path / "run", steps=2)
+    files = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    capsys.readouterr()
+    again = lora_run(tiny_checkpoint, tmp_path / "run", steps=2)
+    assert "already trained; not training again" in capsys.readouterr().out
+    assert again.info["global_step"] == first.info["global_step"] == 2
+    assert [r["loss"] for r in again.history] == [r["loss"] for r in first.history]
+    assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == files
+
+
+def test_other_settings_on_a_trained_folder_are_refused(tiny_checkpoint, tmp_path):
+    lora_run(tiny_checkpoint, tmp_path / "run", steps=2)
+    with pytest.raises(UserError, match=r"run: exists with lr=0.01, this command asks lr=0.02; .*resume=False"):
+        lora_run(tiny_checkpoint, tmp_path / "run", steps=2, learning_rate=0.02)
+    fresh = lora_run(tiny_checkpoint, tmp_path / "run", steps=2, learning_rate=0.02, resume=False)
+    assert fresh.info["hyperparameters"]["learning_rate"] == 0.02 and fresh.info["global_step"] == 2
+    assert [r["step"] for r in fresh.history] == [1, 2]
+
+
+class Explode(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        raise RuntimeError("simulated failure")
+
+
+def test_failed_run_is_recorded_as_failed_and_left_out_of_load_runs(tiny_checkpoint, tmp_path, capsys):
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        lora_run(tiny_checkpoint, tmp_path / "bad", [Explode()], steps=2)
+    record = RunRecord.load(tmp_path / "bad")
+    assert record.status == "failed" and record.error == "RuntimeError: simulated failure"
+    assert stat.S_IMODE(os.stat(record.path).st_mode) == 0o644
+    assert load_runs(tmp_path) == []
+    assert "bad: failed" in capsys.readouterr().out
+
+
+def test_bad_hyperparameters_are_refused_before_training(tiny_checkpoint, tmp_path):
+    model, tokenizer = load_model(str(tiny_checkpoint))
+    setup = apply_method(model, "embedding")
+    for bad, option in ({"max_steps": 0}, "--steps"), ({"learning_rate": 0.0}, "--lr"), ({"batch_size": 0}, "--batch"):
+        with pytest.raises(UserError, match=option):
+            train(setup, tokenizer, small_dataset(tokenizer, 4), tmp_path / "x", **{"max_steps": 1, **bad})
+    assert not (tmp_path / "x").exists()
 
 
 def test_train_refuses_a_model_with_nothing_trainable(tiny_checkpoint, tmp_path):

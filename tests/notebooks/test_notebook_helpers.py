@@ -11,8 +11,8 @@ import torch
 
 from helpers import notebook as nb
 from helpers.data import Example, get_task
-from helpers.pipeline import LEARNING_RATES, TINY_TRAINING
 from helpers.plotting import Run
+from helpers.recipe import LEARNING_RATES, TINY_TRAINING
 
 # ---------------------------------------------------------------------------------------------------------
 # Where we run
@@ -153,6 +153,21 @@ def test_prepare_run(tmp_path, capsys):
     _write_run(tmp_path / "lora-ie")  # finished: a new run replaces it
     assert nb.prepare_run(tmp_path, "lora-ie", "tiny", options, training)[1] is False
     assert "Replacing" in capsys.readouterr().out
+    _write_run(tmp_path / "lora-ie", status="failed", error="KeyboardInterrupt")  # interrupted: resumed
+    assert nb.prepare_run(tmp_path, "lora-ie", "tiny", options, training) == (tmp_path / "lora-ie", True)
+    (tmp_path / "lora-ie" / "my_notes.txt").write_text("mine")
+    _write_run(tmp_path / "lora-ie", trained_at="2026-01-01T00:00:00Z", record_version=1)
+    assert nb.prepare_run(tmp_path, "lora-ie", "tiny", options, training)[1] is False
+    assert [p.name for p in (tmp_path / "lora-ie").iterdir()] == ["my_notes.txt"]  # only the run's files go
+
+
+def test_training_options_follow_the_recipe_rule():
+    from helpers.recipe import resolve_recipe
+
+    recipe = resolve_recipe("THUDM/chatglm-6b-int4", "lora", "ie", device="cpu", gpu_memory_gib=15, check_data=False)
+    options = nb.training_options("lora", toy=False, gpu_memory_gib=15)
+    assert {k: options[k] for k in recipe.training.as_options() if k in options} == {
+        k: v for k, v in recipe.training.as_options().items() if k in options}
 
 
 # ---------------------------------------------------------------------------------------------------------
