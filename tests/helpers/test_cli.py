@@ -1,10 +1,45 @@
-"""The command line end to end on a fast tiny model: compare writes the plot and the table."""
+"""The command line on a fast tiny model: compare and train end to end, reruns, evaluate --run, one-line errors."""
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
+from helpers import cli
 from helpers.cli import main
+from helpers.runs import RunRecord
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def train_args(checkpoint, out, *extra):
+    return ["train", "--model", str(checkpoint), "--task", "ie", "--method", "lora", "--r", "2", "--steps", "2",
+            "--batch-size", "2", "--eval-limit", "2", "--max-new-tokens", "2", "--device", "cpu", "--out", str(out),
+            *extra]
+
+
+def error_line(capsys) -> str:
+    """The whole of stderr, which must be exactly one ``error: ...`` line."""
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_checkpoint, tmp_path_factory):
+    """A finished two-step LoRA run written by ``train``, shared by the tests that only read it."""
+    out = tmp_path_factory.mktemp("cli") / "lora"
+    assert main(train_args(tiny_checkpoint, out)) == 0
+    return out
+
+
+def snapshot(folder) -> dict:
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
 @pytest.mark.slow
@@ -40,6 +75,124 @@ def test_train_then_evaluate_a_run_folder(tiny_checkpoint, tmp_path, capsys):
     again = json.loads((tmp_path / "again" / "metrics.json").read_text())
     first = json.loads((run / "metrics.json").read_text())
     assert again["rouge_l"] == pytest.approx(first["rouge_l"])  # the reloaded run answers the same
+
+
+def test_rerun_of_a_finished_run_prints_its_result_without_training(trained, tiny_checkpoint, capsys):
+    before = snapshot(trained)
+    capsys.readouterr()
+    assert main(train_args(tiny_checkpoint, trained)) == 0
+    out = capsys.readouterr().out
+    assert "Already finished: not training again" in out
+    assert json.loads(out[out.index("{"):]) == json.loads((trained / "metrics.json").read_text())
+    assert snapshot(trained) == before and RunRecord.load(trained).global_step == 2
+
+
+def test_another_lr_on_an_existing_run_is_refused_with_one_line(trained, tiny_checkpoint, capsys):
+    before = snapshot(trained)
+    capsys.readouterr()
+    assert main(train_args(tiny_checkpoint, trained, "--lr", "0.01")) == 2
+    assert error_line(capsys) == (f"error: {trained}: exists with lr=0.005, this command asks lr=0.01; use --fresh "
+                                  "to start over or another --out")
+    assert snapshot(trained) == before
+
+
+def test_evaluate_run_writes_its_own_subfolder(trained, capsys):
+    before = snapshot(trained)
+    assert main(["evaluate", "--run", str(trained), "--eval-limit", "1", "--max-new-tokens", "2"]) == 0
+    new = [p for p in trained.glob("eval-*")]
+    assert len(new) == 1 and json.loads((new[0] / "metrics.json").read_text())["n"] == 1
+    assert json.loads((new[0] / "evaluation.json").read_text())["eval_limit"] == 1
+    assert {k: v for k, v in snapshot(trained).items() if not str(k).startswith("eval-")} == before
+    shutil.rmtree(new[0])
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(trained), "--out", str(trained)]) == 2
+    assert "would overwrite its results" in error_line(capsys)
+
+
+def test_evaluate_run_checks_status_and_artifact_first(trained, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(trained, copy)
+    adapter = copy / "artifact" / "adapter_model.safetensors"
+    adapter.write_bytes(adapter.read_bytes()[:100])
+    assert main(["evaluate", "--run", str(copy)]) == 2
+    assert f"{adapter}: cut off" in error_line(capsys)
+    RunRecord.load(copy).update(status="running", trained_at=None)
+    assert main(["evaluate", "--run", str(copy)]) == 2
+    assert "its training did not finish" in error_line(capsys)
+    (copy / "run.json").write_text("{")
+    assert main(["evaluate", "--run", str(copy)]) == 2
+    assert "run.json: not valid JSON" in error_line(capsys)
+    assert main(["evaluate", "--run", str(tmp_path / "nowhere")]) == 2
+    assert "nowhere: does not exist" in error_line(capsys)
+    assert not list(copy.glob("eval-*"))
+
+
+@pytest.mark.parametrize("extra, named", [
+    (["--steps", "0"], "--steps"),
+    (["--steps", "-3"], "--steps"),
+    (["--lr", "0"], "--lr"),
+    (["--lr", "nan"], "--lr"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--grad-accum", "0"], "--grad-accum"),
+    (["--eval-limit", "0"], "--eval-limit"),
+    (["--max-new-tokens", "0"], "--max-new-tokens"),
+    (["--r", "0"], "--r"),
+    (["--alpha", "0"], "--alpha"),
+    (["--lora-dropout", "1.5"], "--lora-dropout"),
+    (["--target-modules", "nothing"], "--target-modules"),
+    (["--train-file", "missing.jsonl"], "missing.jsonl: no such file"),
+    (["--test-file", "missing.jsonl"], "missing.jsonl: no such file"),
+    (["--device", "tpu"], "--device"),
+    (["--dtype", "fp8"], "--dtype"),
+    (["--layers", "3"], "--layers is an option of freeze"),  # the method trained here is lora
+    (["--no-projection"], "--no-projection is an option of ptuning_v2"),
+])
+def test_bad_options_exit_2_with_one_line_before_anything_loads(tiny_checkpoint, tmp_path, monkeypatch, capsys,
+                                                                extra, named):
+    import helpers.pipeline
+
+    monkeypatch.setattr(helpers.pipeline, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.chdir(tmp_path)
+    assert main(train_args(tiny_checkpoint, tmp_path / "run", *extra)) == 2
+    assert named in error_line(capsys)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_folder_that_is_no_model_is_one_line(tmp_path, capsys):
+    assert main(train_args(tmp_path, tmp_path / "run")) == 2
+    assert "config.json" in error_line(capsys)
+
+
+def test_argparse_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as caught:
+        main(["train", "--method", "lora", "--out", "x", "--steps", "many"])
+    assert caught.value.code == 2
+    assert "invalid int value: 'many'" in capsys.readouterr().err
+
+
+def test_debug_shows_the_traceback(tmp_path, capsys):
+    assert main(["evaluate", "--run", str(tmp_path / "nowhere"), "--debug"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and err.rstrip().splitlines()[-1].startswith("error: ")
+
+
+def test_unexpected_errors_keep_their_traceback(monkeypatch):
+    def bug(args):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(cli, "cmd_download", bug)
+    with pytest.raises(ZeroDivisionError):
+        main(["download", "--list"])
+
+
+@pytest.mark.slow
+def test_the_process_exits_2_with_one_line(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "helpers", "evaluate", "--run", str(tmp_path / "nowhere")],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"error: {tmp_path / 'nowhere'}: does not exist; give a run folder "
+                                                  "written by train or compare (runs/<name>/)"]
 
 
 def test_download_lists_the_registry(capsys):
