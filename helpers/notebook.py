@@ -1,114 +1,68 @@
-"""What keeps the course notebooks short: runtime check, parameters, small tables, a live loss plot.
+"""What keeps the course notebooks short: parameters, the one setup call, training and evaluation in a cell each.
 
-Everything here also works outside Jupyter: tables are Markdown objects whose plain ``repr`` is the Markdown
-text, and the live plot only draws into a notebook when an IPython kernel is running. Notebooks call these
-functions; the teaching happens in the notebooks' prose.
+Runtime detection lives in :mod:`helpers.runtime` and the tables and live plot in :mod:`helpers.display`; their
+names are re-exported here, so a notebook needs only ``from helpers import notebook as nb``. Everything also works
+outside Jupyter: tables are Markdown objects whose plain ``repr`` is the Markdown text.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
 import os
-import platform
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import torch
-from transformers import TrainerCallback
+from .data import TASKS, Task
+from .display import (  # noqa: F401  (re-exported for the notebooks)
+    LiveLossPlot,
+    Table,
+    _shell_active,
+    layout_rows,
+    show_artifact,
+    show_examples,
+    show_layout,
+    show_metrics,
+    show_predictions,
+    show_runs,
+    tensorboard_hint,
+)
+from .estimate import GPUS
+from .methods import apply_method
+from .models import meta_model
+from .plotting import comparison_markdown, comparison_rows, plot_comparison
+from .run_policy import (  # noqa: F401  (re-exported for the notebooks)
+    find_runs,
+    main_task,
+    quick_runs,
+    replace_or_resume_run,
+    task_for,
+    training_options,
+)
+from .runs import Run, RunRecord
+from .runtime import (  # noqa: F401  (re-exported for the notebooks)
+    _FALSE,
+    _TRUE,
+    GIB,
+    REAL_MODEL,
+    TOY_BANNER,
+    _parse_bool,
+    choose_model,
+    default_runs_dir,
+    in_colab,
+    interactive_frontend,
+    is_toy,
+    native_bf16,
+    repository_root,
+    runtime_info,
+    runtime_report,
+)
 
-from .data import IGNORE_INDEX, TASKS, Example, Task, encode_example, get_task
-from .methods import METHODS, apply_method
-from .models import default_dtype, is_small_model, meta_model
-from .pipeline import run_method
-from .plotting import METHOD_COLORS, comparison_markdown, comparison_rows, plot_comparison, smooth
-from .recipe import TINY_LENGTHS, training_settings
-from .runs import Run, RunRecord, read_predictions, start_over
-
-REAL_MODEL = "THUDM/chatglm-6b-int4"
 ENV_PREFIX = "COURSE_"
-GIB = 1 << 30
-GPUS_GIB = {"T4 (16 GB)": 15.0, "A100 (40 GB)": 39.5}  # memory a training process can use, GiB
-TOY_BANNER = """\
-+------------------------------------------------------------------------------------------+
-|  TOY MODE: no GPU here, so this notebook uses the embedded TINY ChatGLM.                 |
-|  Same architecture, special tokens and INT4 format as ChatGLM-6B, so every cell runs the |
-|  same code; but the model is thousands of times smaller and far too weak for the task:   |
-|  losses, metrics and answers below are toy-sized. For real results use a GPU runtime     |
-|  (Colab: Runtime > Change runtime type > GPU).                                           |
-+------------------------------------------------------------------------------------------+"""
-
-# ----------------------------------------------------------------------------------------------------------
-# Where we run
-# ----------------------------------------------------------------------------------------------------------
-
-
-def in_colab() -> bool:
-    """True inside a Google Colab runtime."""
-    return "google.colab" in sys.modules or "COLAB_RELEASE_TAG" in os.environ
-
-
-def interactive_frontend() -> bool:
-    """True when a person is looking at the notebook (Colab, a Jupyter server); False when run headless.
-
-    ``COURSE_TENSORBOARD=1`` or ``=0`` forces the answer; ``CI`` set means headless. Used to start servers
-    (TensorBoard) only where someone can see them.
-    """
-    forced = os.environ.get("COURSE_TENSORBOARD", "").strip()
-    if forced:
-        return _parse_bool("COURSE_TENSORBOARD", forced)
-    if os.environ.get("CI"):
-        return False
-    return in_colab() or bool(os.environ.get("JPY_SESSION_NAME"))
-
-
-def repository_root() -> Path | None:
-    """The course's checkout (the folder holding ``pyproject.toml`` next to ``helpers/``), if installed from one."""
-    root = Path(__file__).resolve().parent.parent
-    return root if (root / "pyproject.toml").is_file() else None
-
-
-def default_runs_dir() -> Path:
-    """``runs/notebooks`` in the checkout (else in the current folder): where every notebook writes its runs."""
-    return (repository_root() or Path.cwd()) / "runs" / "notebooks"
-
-
-def native_bf16() -> bool:
-    """bf16 in hardware (Ampere and newer, e.g. A100); a T4 only emulates it, slowly."""
-    return torch.cuda.is_available() and default_dtype("cuda") == torch.bfloat16
-
-
-def runtime_info() -> dict[str, Any]:
-    """Device, GPU name and memory, bf16 support, and versions, as a dict."""
-    info: dict[str, Any] = {"device": "cpu", "gpu": None, "gpu_memory_gib": None, "bf16": False,
-                            "cpu_cores": os.cpu_count(), "ram_gib": None, "colab": in_colab(),
-                            "python": platform.python_version(), "torch": torch.__version__}
-    try:
-        info["ram_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB, 1)
-    except (AttributeError, ValueError, OSError):
-        pass
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        info.update(device="cuda", gpu=props.name, gpu_memory_gib=round(props.total_memory / GIB, 1),
-                    bf16=native_bf16())
-    return info
-
-
-def runtime_report() -> dict[str, Any]:
-    """Print what this runtime offers (device, GPU, memory, bf16) and return it as a dict."""
-    info = runtime_info()
-    where = "Google Colab" if info["colab"] else "this machine"
-    if info["device"] == "cuda":
-        bf16 = "yes" if info["bf16"] else "no (emulated only; the course uses fp16 here)"
-        print(f"GPU on {where}: {info['gpu']}, {info['gpu_memory_gib']} GiB, bf16 in hardware: {bf16}")
-    else:
-        print(f"No GPU on {where}: {info['cpu_cores']} CPU cores, {info['ram_gib'] or '?'} GiB RAM")
-    print(f"python {info['python']}, torch {info['torch']}")
-    return info
-
+GPUS_GIB = {name: GPUS[name] for name in ("T4-16G", "A100-40G")}  # usable GiB, from helpers.estimate
+DRIVE_RUNS_DIR = "/content/drive/MyDrive/chatglm-course/runs"  # where DRIVE = True keeps the runs on Colab
 
 # ----------------------------------------------------------------------------------------------------------
 # Parameters
@@ -117,16 +71,8 @@ def runtime_report() -> dict[str, Any]:
 PARAMETER_TYPES: dict[str, type] = {
     "model": str, "task": str, "steps": int, "eval_limit": int, "runs_dir": str, "batch_size": int,
     "learning_rate": float, "full_data": bool, "quick_compare": bool, "layers": int, "dequantize": bool,
-    "r": int, "alpha": int, "pre_seq_len": int, "prefix_projection": bool,
+    "r": int, "alpha": int, "pre_seq_len": int, "prefix_projection": bool, "drive": bool,
 }
-_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
-
-
-def _parse_bool(key: str, raw: str) -> bool:
-    value = raw.strip().lower()
-    if value in _TRUE | _FALSE:
-        return value in _TRUE
-    raise ValueError(f"{key}={raw!r}: expected one of {', '.join(sorted(_TRUE | _FALSE))}")
 
 
 def _convert(key: str, raw: str, kind: type) -> Any:
@@ -177,326 +123,83 @@ def params_from_env(environ: Mapping[str, str] | None = None, **defaults: Any) -
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Model choice and training settings
-# ----------------------------------------------------------------------------------------------------------
-
-
-def is_toy(model: Any) -> bool:
-    """Whether a model (name, folder or loaded model) is a tiny stand-in rather than ChatGLM-6B."""
-    return is_small_model(model)
-
-
-def choose_model(requested: str | None = None, default_gpu: str = REAL_MODEL) -> tuple[str, str]:
-    """(model name, banner): ``requested`` if given, else the real model on a GPU and the tiny model without."""
-    name = requested or (default_gpu if torch.cuda.is_available() else "tiny")
-    if is_toy(name):
-        return name, TOY_BANNER + f"\nModel: {name}"
-    banner = f"Model: {name}"
-    if not torch.cuda.is_available():
-        banner += "  (WARNING: no GPU; the 6B model on a CPU takes hours per step; set MODEL = 'tiny')"
-    return name, banner
-
-
-def task_for(task: str, toy: bool) -> Task:
-    """The task with token budgets that fit the model: shortened for the tiny model (its answers are short)."""
-    return dataclasses.replace(get_task(task), **TINY_LENGTHS) if toy else get_task(task)
-
-
-def training_options(method: str, toy: bool, steps: int | None = None, dequantized: bool = False,
-                     gpu_memory_gib: float | None = None, **overrides: Any) -> dict[str, Any]:
-    """Hyper-parameters for ``helpers.train``: the tiny recipe on CPU, or settings sized to the GPU.
-
-    The same rule as the command line (:func:`helpers.recipe.training_settings`): on a GPU with under 30 GiB (T4)
-    the batch shrinks to 1 with 8 accumulation steps and gradient checkpointing, so the effective batch stays 8.
-    """
-    memory = None
-    if not toy:
-        memory = gpu_memory_gib if gpu_memory_gib is not None else runtime_info()["gpu_memory_gib"]
-    return training_settings(method, toy, dequantized, memory, {"max_steps": steps, **overrides})
-
-
-def _plain(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str))
-
-
-def prepare_run(runs_dir: str | os.PathLike, name: str, model: str, method_options: dict,
-                training: dict) -> tuple[Path, bool]:
-    """(run folder, resume?): continue an interrupted run of the same settings, otherwise start afresh.
-
-    A finished run, or one with another model or settings, is replaced (its run files are removed).
-    """
-    run_dir = Path(runs_dir) / name
-    record = RunRecord.find(run_dir)
-    if record is None:
-        return run_dir, False
-    hyper = record.hyperparameters
-    same = (record.model == str(model) and _plain(record.method_options) == _plain(method_options)
-            and all(hyper.get(k) == v for k, v in _plain(training).items() if k in hyper))
-    if same and record.status != "finished" and not record.trained:
-        print(f"Continuing the interrupted run in {run_dir} from its last checkpoint.")
-        return run_dir, True
-    start_over(run_dir)
-    if run_dir.is_dir() and not any(run_dir.iterdir()):
-        run_dir.rmdir()
-    print(f"Replacing the earlier run in {run_dir}.")
-    return run_dir, False
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Full-size numbers, computed offline on the meta device
 # ----------------------------------------------------------------------------------------------------------
 
 
+PEAK_SETTINGS = {"seq": 512, "batch": 1, "gradient_checkpointing": True}  # the smallest training setup (a T4)
+
+
 @dataclasses.dataclass
 class FullSize:
-    """A method applied to the full-size model: parameter counts and the memory of weights and optimizer."""
+    """A method applied to the full-size model: parameter counts and memory, from :func:`helpers.estimate.estimate`.
+
+    ``weights_bytes`` and ``states_bytes`` (fp32 gradients and AdamW's two moments) are the parts before
+    activations; ``peak_bytes`` is the whole estimated peak with activations for :data:`PEAK_SETTINGS`, so both
+    figures come from one memory model (the one ``python -m helpers estimate`` prints).
+    """
 
     method: str
     options: dict
     line: str
     trainable: int
-    weights_bytes: int  # INT4 matrices (packed, 1 byte per stored int8), fp16/bf16 rest, fp32 trainable
-    states_bytes: int  # fp32 gradients and AdamW's two moments of the trainable parameters
+    weights_bytes: int
+    states_bytes: int
+    peak_bytes: int
 
     @property
     def total_gib(self) -> float:
+        """Weights, gradients and optimizer states (before activations), GiB."""
         return (self.weights_bytes + self.states_bytes) / GIB
 
+    @property
+    def peak_gib(self) -> float:
+        return self.peak_bytes / GIB
+
     def fits(self) -> dict[str, bool]:
-        return {gpu: self.total_gib <= usable for gpu, usable in GPUS_GIB.items()}
+        """Whether the estimated peak (batch 1, gradient checkpointing) fits each GPU."""
+        return {gpu: self.peak_gib <= usable for gpu, usable in GPUS_GIB.items()}
 
     def __str__(self) -> str:
         options = ", ".join(f"{k}={v}" for k, v in self.options.items())
         fits = ", ".join(f"{gpu}: {'yes' if ok else 'no'}" for gpu, ok in self.fits().items())
+        setting = f"batch {PEAK_SETTINGS['batch']}, {PEAK_SETTINGS['seq']} tokens, gradient checkpointing"
         return (f"{REAL_MODEL} + {self.method}({options})\n{self.line}\n"
                 f"weights {self.weights_bytes / GIB:.1f} GiB + gradients and AdamW states "
-                f"{self.states_bytes / GIB:.1f} GiB = {self.total_gib:.1f} GiB before activations\n"
-                f"fits (before activations): {fits}")
+                f"{self.states_bytes / GIB:.1f} GiB = {self.total_gib:.1f} GiB before activations; "
+                f"estimated peak {self.peak_gib:.1f} GiB ({setting})\nfits: {fits}")
 
     __repr__ = __str__
 
 
 def full_size_line(method: str, model: str = REAL_MODEL, **options: Any) -> FullSize:
     """Apply ``method`` to the full-size model on the ``meta`` device (nothing is downloaded or allocated)."""
+    from .estimate import estimate
+
     setup = apply_method(meta_model(model), method, **options)
-    weights = 0
-    for param in setup.model.parameters():
-        size = 1 if param.dtype in (torch.int8, torch.uint8) else 4 if param.requires_grad else 2
-        weights += param.numel() * size
-    return FullSize(method, dict(setup.options), str(setup), setup.trainable_params, weights,
-                    setup.trainable_params * 12)
+    memory = estimate(model, method, **PEAK_SETTINGS, **options)
+    return FullSize(method, dict(setup.options), str(setup), setup.trainable_params, memory.weights,
+                    memory.gradients + memory.optimizer, memory.total)
 
 
 def full_size_table(variants: Sequence[tuple[str, dict]] | None = None) -> Table:
     """The four methods (and variants) at full size, side by side, as a Markdown table."""
     variants = variants or [("freeze", {}), ("freeze", {"dequantize": True}), ("embedding", {}),
                             ("ptuning_v2", {}), ("ptuning_v2", {"prefix_projection": False}), ("lora", {})]
-    lines = ["| method | options | trainable params | trainable % | weights + optimizer GiB | "
-             + " | ".join(f"fits {gpu}" for gpu in GPUS_GIB) + " |", "|---" * (5 + len(GPUS_GIB)) + "|"]
+    lines = ["| method | options | trainable params | trainable % | weights + optimizer GiB | peak GiB | "
+             + " | ".join(f"fits {gpu}" for gpu in GPUS_GIB) + " |", "|---" * (6 + len(GPUS_GIB)) + "|"]
     for method, options in variants:
         size = full_size_line(method, **options)
         percent = size.line.rsplit(":", 1)[1].strip()
         fits = " | ".join("yes" if ok else "no" for ok in size.fits().values())
         lines.append(f"| {method} | {', '.join(f'{k}={v}' for k, v in options.items()) or 'defaults'} | "
-                     f"{size.trainable:,} | {percent} | {size.total_gib:.1f} | {fits} |")
+                     f"{size.trainable:,} | {percent} | {size.total_gib:.1f} | {size.peak_gib:.1f} | {fits} |")
     return Table("\n".join(lines))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Tables
-# ----------------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Table:
-    """Markdown that a notebook renders as a table and a console prints as text."""
-
-    text: str
-
-    def _repr_markdown_(self) -> str:
-        return self.text
-
-    def __repr__(self) -> str:
-        return self.text
-
-
-def _cell(value: Any, limit: int | None = None) -> str:
-    text = str(value)
-    if limit and len(text) > limit:
-        text = text[:limit] + "…"
-    return text.replace("|", "\\|").replace("\n", "<br>") or "∅"
-
-
-def show_examples(examples: Sequence[Example], n: int = 3, width: int = 80) -> Table:
-    """The first ``n`` rows of a split: input text (shortened to ``width`` characters) and expected answers."""
-    lines = ["| # | text | answer |", "|---|---|---|"]
-    for index, example in enumerate(examples[:n]):
-        answers = "<br>or: ".join(_cell(t) for t in example.targets)
-        lines.append(f"| {index} | {_cell(example.text, width)} | {answers} |")
-    return Table("\n".join(lines) + f"\n\n{len(examples)} rows in this split.")
-
-
-def layout_rows(tokenizer, task: Task, example: Example, **lengths: int) -> list[dict[str, Any]]:
-    """Every position of one encoded training row: token, id, label, and its role in the layout."""
-    row = encode_example(tokenizer, task, example, **lengths)
-    ids, labels = row["input_ids"], row["labels"]
-    tokens = tokenizer.convert_ids_to_tokens(ids)
-    prompt = len(tokenizer.tokenize(task.prompt))
-    gmask = ids.index(tokenizer.gmask_token_id)
-    rows = []
-    for position, (token, token_id, label) in enumerate(zip(tokens, ids, labels)):
-        if position == gmask:
-            role = "[gMASK]"
-        elif position == gmask + 1:
-            role = "<sop>"
-        elif position == len(ids) - 1:
-            role = "<eop>"
-        else:
-            role = "prompt" if position < prompt else "text" if position < gmask else "answer"
-        rows.append({"position": position, "token": token, "id": token_id, "label": label, "role": role,
-                     "scored": label != IGNORE_INDEX})
-    return rows
-
-
-def _shown_positions(rows: list[dict], head: int = 3, answer: int = 8) -> list[int]:
-    """Positions worth showing: the start, the end of the text, the special tokens and the answer's ends."""
-    gmask = next(r["position"] for r in rows if r["role"] == "[gMASK]")
-    last = len(rows) - 1
-    keep = set(range(min(head, gmask))) | set(range(max(gmask - 3, 0), gmask + 2))
-    keep |= set(range(gmask + 2, min(gmask + 2 + answer, last))) | {last - 1, last}
-    return sorted(p for p in keep if 0 <= p <= last)
-
-
-def show_layout(tokenizer, task: Task, example: Example, full: bool = False, **lengths: int) -> Table:
-    """One training row as ChatGLM sees it: tokens, ids, labels (-100 = not scored) and roles.
-
-    Long rows are shortened around the interesting positions unless ``full``.
-    """
-    rows = layout_rows(tokenizer, task, example, **lengths)
-    gmask = next(r["position"] for r in rows if r["role"] == "[gMASK]")
-    answer = sum(r["role"] == "answer" for r in rows)
-    summary = (f"**{len(rows)} tokens**: {gmask} of prompt and text (label -100: never scored), `[gMASK]` at "
-               f"{gmask}, `<sop>` at {gmask + 1}, {answer} answer tokens, `<eop>` at {len(rows) - 1}. The labels "
-               f"that are not -100 ({sum(r['scored'] for r in rows)} of them) are what the loss scores; "
-               "inside the model position *i* predicts the label at *i + 1*.")
-    lines = [summary, "", "| position | token | id | label | role |", "|---|---|---|---|---|"]
-    previous = -1
-    for position in range(len(rows)) if full else _shown_positions(rows):
-        if position > previous + 1:
-            lines.append(f"| … | ({position - previous - 1} more) | | | |")
-        r = rows[position]
-        label = "-100" if not r["scored"] else str(r["label"])
-        lines.append(f"| {position} | `{_cell(r['token'])}` | {r['id']} | {label} | {r['role']} |")
-        previous = position
-    return Table("\n".join(lines))
-
-
-def show_metrics(metrics: Mapping[str, Any]) -> Table:
-    """The evaluation metrics as a two-column table, the task's main metric first and in bold."""
-    main = metrics.get("main_metric")
-    skip = {"task", "main_metric"}
-    keys = ([main] if main in metrics else []) + [k for k in metrics if k not in skip and k != main]
-    lines = ["| metric | value |", "|---|---|"]
-    for key in keys:
-        value = metrics[key]
-        text = f"{value:.4f}" if isinstance(value, float) else str(value)
-        lines.append(f"| **{key}** (main) | **{text}** |" if key == main else f"| {key} | {text} |")
-    return Table("\n".join(lines))
-
-
-def show_predictions(run_dir: str | os.PathLike, n: int = 3, width: int = 60) -> Table:
-    """The first ``n`` test answers of a run next to their references (from ``predictions.jsonl``)."""
-    lines = ["| text | model's answer | reference |", "|---|---|---|"]
-    for row in read_predictions(run_dir, limit=n):
-        lines.append(f"| {_cell(row['text'], width)} | {_cell(row['prediction'], width)} | "
-                     f"{_cell(row['references'][0], width)} |")
-    return Table("\n".join(lines))
-
-
-def show_artifact(run_dir: str | os.PathLike) -> Table:
-    """The files of a run's ``artifact/`` folder and their sizes: all a method needs on top of the base model."""
-    folder = Path(run_dir) / "artifact"
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
-    lines = ["| file | size |", "|---|---|"] + [f"| {p.relative_to(folder)} | {p.stat().st_size / 1024:,.1f} KiB |"
-                                                for p in files]
-    total = sum(p.stat().st_size for p in files)
-    return Table("\n".join(lines) + f"\n\n{len(files)} files, {total / 2**20:,.2f} MiB in {folder.name}/.")
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Training and evaluation companions
 # ----------------------------------------------------------------------------------------------------------
-
-
-def _shell_active() -> bool:
-    try:
-        from IPython.core.interactiveshell import InteractiveShell
-    except ImportError:
-        return False
-    return InteractiveShell.initialized()
-
-
-class LiveLossPlot(TrainerCallback):
-    """Redraws the training loss in place every ``every`` logged steps (pass to ``helpers.train(callbacks=...)``).
-
-    In a notebook the figure is one output that updates; elsewhere nothing is shown and :meth:`figure` still
-    draws the curve so far.
-    """
-
-    def __init__(self, every: int = 5, method: str | None = None, smooth_weight: float = 0.9) -> None:
-        self.every, self.method, self.smooth_weight = max(1, every), method, smooth_weight
-        self.steps: list[int] = []
-        self.losses: list[float] = []
-        self.max_steps = 0
-        self._handle = None
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.max_steps = state.max_steps or args.max_steps
-        self._show()
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs or "loss" not in logs:
-            return
-        self.steps.append(state.global_step)
-        self.losses.append(float(logs["loss"]))
-        if len(self.losses) % self.every == 0:
-            self._show()
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self._show()
-
-    def figure(self):
-        """The curve so far: raw loss faint, smoothed loss solid."""
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(7, 3.8))
-        plt.close(fig)
-        color = METHOD_COLORS.get(self.method or "", "#1f77b4")
-        if self.losses:
-            ax.plot(self.steps, self.losses, color=color, alpha=0.3, linewidth=1, label="loss")
-            ax.plot(self.steps, smooth(self.losses, self.smooth_weight), color=color, linewidth=2, label="smoothed")
-            ax.legend(loc="upper right")
-        if self.max_steps:
-            ax.set_xlim(0, self.max_steps)
-        step = self.steps[-1] if self.steps else 0
-        last = f", loss {self.losses[-1]:.4f}" if self.losses else ""
-        ax.set_title(f"{self.method or 'training'}: step {step}/{self.max_steps or '?'}{last}")
-        ax.set_xlabel("step")
-        ax.set_ylabel("training loss")
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        return fig
-
-    def _show(self) -> None:
-        if not _shell_active():
-            return
-        from IPython.display import display
-
-        fig = self.figure()
-        if self._handle is None:
-            self._handle = display(fig, display_id=True)
-        else:
-            self._handle.update(fig)
 
 
 def heldout_perplexity(model, tokenizer, limit: int | None = None) -> float:
@@ -511,13 +214,6 @@ def save_metrics(run_dir: str | os.PathLike, metrics: Mapping[str, Any]) -> Path
     return RunRecord.load(run_dir).write_metrics(dict(metrics))
 
 
-def tensorboard_hint(logdir: str | os.PathLike) -> None:
-    """Print how to open TensorBoard on ``logdir`` (used where no server should be started)."""
-    print("TensorBoard is not started here (no interactive notebook frontend). To watch the runs:\n"
-          f"  in a terminal:        tensorboard --logdir {logdir}\n"
-          f"  in Colab or Jupyter:  %load_ext tensorboard   then   %tensorboard --logdir {logdir}")
-
-
 def task_files(task: str, full: bool) -> tuple[Path | None, Path | None]:
     """(train file, test file): ``None, None`` for the bundled samples; the downloaded public dataset if ``full``."""
     if not full:
@@ -530,51 +226,278 @@ def task_files(task: str, full: bool) -> tuple[Path | None, Path | None]:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Comparing runs (05_compare)
+# The one setup call of the method notebooks, and their training, evaluation and reload cells
 # ----------------------------------------------------------------------------------------------------------
 
 
-def main_task(runs: Sequence[Run]) -> str | None:
-    """The task with the most runs (ties: ie, gen, cls order)."""
-    counts = {task: sum(run.task == task for run in runs) for task in TASKS}
-    best = max(counts, key=lambda t: counts[t])
-    return best if counts[best] else None
+def show(*objects: Any) -> None:
+    """Display in a notebook (tables render as Markdown, figures as images); print elsewhere."""
+    if _shell_active():
+        from IPython.display import display
+
+        display(*objects)
+    else:
+        print(*objects, sep="\n")
 
 
-def show_runs(runs: Sequence[Run], runs_dir: str | os.PathLike) -> Table:
-    """The runs found (name, task, model, steps, status), or a clear message when there are none."""
-    if not runs:
-        return Table(f"**No runs found in `{runs_dir}`.** Run the method notebooks 01–04 first (each writes a "
-                     "`<method>-<task>` run there), or set `QUICK_COMPARE = True` (environment: "
-                     "`COURSE_QUICK_COMPARE=1`) to train all four methods briefly in this notebook. The cells "
-                     "below still run; their plots and tables stay empty.")
-    lines = ["| run | method | task | model | steps | status | evaluated |", "|---|---|---|---|---|---|---|"]
-    for run in runs:
-        model = str(run.info.get("model", "–"))
-        model = Path(model).name if Path(model).is_dir() else model  # a local folder: its name is enough
-        lines.append(f"| {run.name} | {run.method} | {run.task} | {model} | {run.info.get('global_step', '–')} | "
-                     f"{run.info.get('status', '–')} | {'yes' if run.metrics else 'no'} |")
-    return Table("\n".join(lines) + f"\n\n{len(runs)} runs in `{runs_dir}`.")
+def quiet_loading() -> None:
+    """No "Loading weights" bars: in a saved notebook they stay frozen at their first frame."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
 
 
-def quick_runs(model: str, task: str, runs_dir: str | os.PathLike, steps: int | None = None,
-               eval_limit: int | None = None, methods: Sequence[str] = METHODS) -> list[Path]:
-    """Train and evaluate every method briefly, as ``<method>-<task>`` runs (what the method notebooks write)."""
+def drive_runs_dir(wanted: bool) -> str | None:
+    """With ``DRIVE = True`` on Colab: mount Google Drive and return the runs folder there (else ``None``).
+
+    Each Colab notebook runs on its own machine, so only a folder on Drive is shared by 01-05 and survives the
+    runtime.
+    """
+    if not wanted:
+        return None
+    if not in_colab():
+        print("DRIVE = True only applies on Colab; here the runs stay in the usual runs folder.")
+        return None
+    from google.colab import drive  # type: ignore[import-not-found]
+
+    drive.mount("/content/drive")
+    Path(DRIVE_RUNS_DIR).mkdir(parents=True, exist_ok=True)
+    return DRIVE_RUNS_DIR
+
+
+def loss_windows(losses: Sequence[float], share: float = 0.1) -> tuple[float, float]:
+    """Mean loss over the first and over the last ``share`` of the points (at least one point each)."""
+    if not losses:
+        raise ValueError("no losses")
+    n = max(1, round(len(losses) * share))
+    return sum(losses[:n]) / n, sum(losses[-n:]) / n
+
+
+@dataclasses.dataclass
+class Course:
+    """What :func:`setup` prepared for a method notebook: parameters, model, data, baseline, and its next steps."""
+
+    method: str
+    params: Params
+    runtime: dict
+    model_name: str
+    runs_dir: Path
+    model: Any
+    tokenizer: Any
+    toy: bool
+    task: Task
+    train_rows: list
+    test_rows: list
+    perplexity_before: float
+    answer_before: str
+    trained_answer: tuple[str, str] | None = None  # (text, answer) of the trained model, for the reload check
+
+    def run_name(self, dequantized: bool = False) -> str:
+        """``<method>-<task>`` (``freeze-dequantized-<task>`` for dequantized Freeze): the run's folder name."""
+        return f"{self.method}{'-dequantized' if dequantized else ''}-{self.params.task}"
+
+    def train(self, setup, dequantized: bool = False, tensorboard: bool = True):
+        """Train ``setup`` with the live loss plot (and TensorBoard in a notebook a person looks at)."""
+        from .data import EncodedDataset
+        from .training import train
+
+        if tensorboard:
+            start_tensorboard(self.runs_dir)
+        training = training_options(self.method, self.toy, self.params.steps, dequantized=dequantized,
+                                    learning_rate=self.params.learning_rate)
+        run_dir, resume = replace_or_resume_run(self.runs_dir, self.run_name(dequantized), self.model_name,
+                                                setup.options, training)
+        dataset = EncodedDataset(self.tokenizer, self.task, self.train_rows)
+        with text_progress_bars():
+            result = train(setup, self.tokenizer, dataset, run_dir, task=self.params.task, resume=resume,
+                           callbacks=[LiveLossPlot(method=self.method)], **training)
+        print(f"{result.info['global_step']} steps in {result.info['train_runtime_s']:.0f} s, learning rate "
+              f"{training['learning_rate']:g}, final loss {result.final_loss:.4f}, run folder {run_dir}")
+        return result
+
+    def describe_loss(self, result) -> None:
+        """Print the mean loss over the first and last tenth of this run's steps (and how it moved)."""
+        losses = [row["loss"] for row in result.history if isinstance(row.get("loss"), (int, float))]
+        first, last = loss_windows(losses)
+        trend = "fell" if last < first * 0.97 else "rose" if last > first * 1.03 else "stayed about level"
+        print(f"This run ({len(losses)} logged steps): mean loss {first:.3f} over the first tenth of the steps, "
+              f"{last:.3f} over the last tenth: it {trend} ({(last - first) / first:+.0%}).")
+
+    def evaluate(self, setup, run_dir) -> dict:
+        """Score the test rows, add held-out perplexity before and after, save ``metrics.json``, show both tables."""
+        from .evaluation import evaluate
+
+        metrics = evaluate(setup.model, self.tokenizer, self.task, self.test_rows, out_dir=run_dir,
+                           progress=progress_bars())
+        self.answer(setup.model, self.test_rows[0].text)  # what the reloaded model must repeat
+        metrics.update(perplexity_before=self.perplexity_before,
+                       perplexity_after=heldout_perplexity(setup.model, self.tokenizer))
+        save_metrics(run_dir, metrics)
+        show(show_metrics(metrics), show_predictions(run_dir))
+        return metrics
+
+    def describe_results(self, metrics: Mapping[str, Any]) -> None:
+        """This run's results in words, every number read from ``metrics``."""
+        main = metrics["main_metric"]
+        before, after = metrics["perplexity_before"], metrics["perplexity_after"]
+        change = "rose" if after > before * 1.01 else "fell" if after < before * 0.99 else "stayed about the same"
+        print(f"This run: {main} = {metrics[main]:.4f} on {metrics.get('n', len(self.test_rows))} test rows; "
+              f"held-out perplexity {before:.1f} before training, {after:.1f} after (it {change}).")
+
+    def reload_and_check(self, run_dir) -> None:
+        """Load the base model with the saved artifact on top and check it answers exactly as the trained model."""
+        from .evaluation import generate_answers
+        from .training import load_finetuned
+
+        text, trained = self.trained_answer or (self.test_rows[0].text, None)
+        show(show_artifact(run_dir))
+        reloaded, _ = load_finetuned(run_dir)
+        again = generate_answers(reloaded, self.tokenizer, self.task, [text], progress=False)[0]
+        print(f"reloaded model's answer: {again!r}")
+        if trained is not None:
+            print("same answer after reloading:", again == trained)
+
+    def answer(self, model, text: str) -> str:
+        """The model's answer to ``text`` in the task's prompt layout (kept for the reload check)."""
+        from .evaluation import generate_answers
+
+        answer = generate_answers(model, self.tokenizer, self.task, [text], progress=False)[0]
+        self.trained_answer = (text, answer)
+        return answer
+
+    def plot_with_reference(self):
+        """This task's runs so far (solid) next to the original course's curves of their methods (dashed)."""
+        from .plotting import plot_reference_curves
+        from .runs import load_runs
+
+        runs = [run for run in load_runs(self.runs_dir) if run.task == self.params.task]
+        if self.params.task != "ie":
+            print(f"The original course's curves are IE runs; yours here are {self.params.task}: compare shapes only.")
+        return plot_reference_curves(runs)
+
+
+def progress_bars() -> bool:
+    """Progress bars only where a person watches: a saved, headless run would keep them frozen at their start."""
+    return interactive_frontend()
+
+
+@contextlib.contextmanager
+def text_progress_bars():
+    """Run headless, the Trainer's bar is drawn as text, not as a widget.
+
+    A widget bar saved without a frontend keeps only its first frame ("0%|") as text; a text bar's saved output
+    ends with its last state. Where a person is watching, nothing changes.
+    """
+    if interactive_frontend():
+        yield
+        return
+    import transformers.trainer_callback as callbacks
+    from tqdm import std
+
+    widget_tqdm, callbacks.tqdm = callbacks.tqdm, std.tqdm
+    try:
+        yield
+    finally:
+        callbacks.tqdm = widget_tqdm
+
+
+def start_tensorboard(runs_dir: str | os.PathLike) -> None:
+    """TensorBoard inside the notebook where a person is looking (Colab, Jupyter); otherwise print how to open it."""
+    if not interactive_frontend():
+        tensorboard_hint(runs_dir)
+        return
+    from IPython import get_ipython
+
+    shell = get_ipython()
+    shell.run_line_magic("load_ext", "tensorboard")
+    shell.run_line_magic("tensorboard", f"--logdir {runs_dir}")
+
+
+def setup(method: str, show_data: bool = False, **parameters: Any) -> Course:
+    """Everything before a method is applied: runtime check, parameters, data, model and baseline, printed.
+
+    ``parameters`` are the notebook's parameters cell (``model=MODEL, task=TASK, ...``); ``COURSE_<NAME>``
+    environment variables win over them (:func:`params_from_env`). ``drive=True`` keeps the runs on Google Drive
+    on Colab. ``show_data`` also shows the first training rows (01 explains the data; the others link there).
+    """
+    from .data import load_split
+    from .models import load_model
+
+    quiet_loading()
+    runtime = runtime_report()
+    params = params_from_env(**parameters)
+    model_name, banner = choose_model(params.model)
+    runs_dir = Path(drive_runs_dir(getattr(params, "drive", False)) or params.runs_dir or default_runs_dir())
+    print(banner)
+    print(repr(params))
+    train_file, test_file = task_files(params.task, params.full_data)
+    train_rows = load_split(params.task, "train", train_file)
+    test_rows = load_split(params.task, "test", test_file, limit=params.eval_limit)
+    if show_data:
+        show(show_examples(train_rows))
+    model, tokenizer = load_model(model_name)
     toy = is_toy(model)
-    folders = []
-    for method in methods:
-        folder = Path(runs_dir) / f"{method}-{task}"
-        run_method(model, task, method, folder, training=training_options(method, toy, steps),
-                   eval_limit=eval_limit, resume=False)
-        folders.append(folder)
-    return folders
+    config = model.config
+    print(f"Model: {config.num_layers} layers, hidden size {config.hidden_size}, vocabulary {config.vocab_size:,}, "
+          f"INT{config.quantization_bit}, computing in {model.dtype}; {sum(p.numel() for p in model.parameters()):,} "
+          "parameters")
+    task = task_for(params.task, toy)
+    print(f"Task {params.task} ({task.title}): {len(train_rows)} training rows, {len(test_rows)} test rows; "
+          f"main metric {main_metric(params.task)}")
+    from .evaluation import generate_answers
+
+    perplexity = heldout_perplexity(model, tokenizer)
+    answer = generate_answers(model, tokenizer, task, [test_rows[0].text], progress=False)[0]
+    print(f"Before fine-tuning: held-out perplexity {perplexity:.2f}; answer to the first test row {answer!r} "
+          f"(expected {test_rows[0].targets[0]!r})")
+    return Course(method, params, runtime, model_name, runs_dir, model, tokenizer, toy, task, train_rows, test_rows,
+                  perplexity, answer)
+
+
+def choose_prefix_projection(course: Course, requested: bool | None, pre_seq_len: int) -> bool:
+    """P-Tuning v2's ``prefix_projection``: as requested, else on wherever the memory estimate says it fits.
+
+    On a GPU the estimate (:func:`helpers.estimate.estimate`, batch 1 with gradient checkpointing, as the course
+    trains on a small GPU) is compared with the GPU's memory; the choice and its reason are printed, and a warning
+    when the projection is off: that is the configuration published at IE F1 0.0.
+    """
+    from .estimate import estimate
+    from .plotting import published_results
+
+    if requested is not None:
+        chosen, reason = requested, "set by PREFIX_PROJECTION"
+    elif course.toy or course.runtime.get("gpu_memory_gib") is None:
+        chosen, reason = True, "the tiny model: its prefix encoder is small with or without the projection"
+    else:
+        seq = course.task.max_source_length + course.task.max_target_length + 3
+        peak = estimate(course.model_name, "ptuning_v2", seq=seq, batch=1, gradient_checkpointing=True,
+                        pre_seq_len=pre_seq_len, prefix_projection=True).total / GIB
+        gpu = course.runtime["gpu_memory_gib"]
+        chosen = peak <= gpu
+        reason = (f"with the projection and gradient checkpointing the estimated peak is {peak:.1f} GiB for "
+                  f"{seq} tokens; this GPU has {gpu:.1f} GiB, so it {'fits' if chosen else 'does not fit'}")
+    print(f"prefix_projection = {chosen}: {reason}.")
+    if not chosen:
+        row = next(r for r in published_results()["rows"]
+                   if r["course_method"] == "ptuning_v2" and not r["options"]["prefix_projection"])
+        print(f"WARNING: without the projection this is the configuration published at IE F1 {row['ie_f1']} "
+              f"({published_results()['repository']}, '{row['method']}'). Use a larger GPU to keep it.")
+    return chosen
+
+
+def main_metric(task: str) -> str:
+    """The metric a task is ranked by (``f1``, ``rouge_l``, ``accuracy``)."""
+    from .evaluation import MAIN_METRIC
+
+    return MAIN_METRIC[task]
+
 
 
 class ComparisonExplorer:
     """Widgets to pick a task and methods; the comparison figure and table below them follow the choice.
 
-    The figure and table are ordinary outputs updated in place, so an executed notebook keeps the first view
-    even without a widget frontend.
+    The figure and table are ordinary outputs updated in place; without an interactive frontend only they are
+    shown.
     """
 
     def __init__(self, runs: Sequence[Run], task: str | None = None) -> None:
@@ -599,10 +522,15 @@ class ComparisonExplorer:
         return plot_comparison(runs), Table(comparison_markdown(comparison_rows(runs)))
 
     def show(self) -> None:
-        """Display the controls, then the figure and table for the current choice."""
+        """Display the controls, then the figure and table for the current choice.
+
+        Run headless (papermill, the tests) there is nobody to use the controls, and a saved notebook would keep
+        only their text repr (``HBox(children=...``), so only the figure and table are shown there.
+        """
         from IPython.display import display
 
-        display(self.controls)
+        if interactive_frontend():
+            display(self.controls)
         figure, table = self.views()
         self._figure = display(figure, display_id=True)
         self._table = display(table, display_id=True)

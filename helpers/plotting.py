@@ -204,6 +204,16 @@ def _short(value: float) -> str:
     return f"{value:.3g}"
 
 
+def _labels(values: Sequence[float]) -> list[str]:
+    """Bar labels in one format per panel: plain integers below 10,000 (no "1k" next to "626"), else 1.2M / 3.4k."""
+    largest = max((abs(v) for v in values), default=0.0)
+    if largest >= 1e4:
+        return [_short(v) for v in values]
+    if largest >= 10:
+        return [f"{v:,.0f}" for v in values]
+    return [f"{v:.3g}" for v in values]
+
+
 def _bars(
     ax: Axes, runs: Sequence[Run], values: Sequence[float | None], title: str, ylabel: str, log: bool = False
 ) -> None:
@@ -218,7 +228,7 @@ def _bars(
         return
     labels, colors, heights = zip(*kept)
     bars = ax.bar(range(len(kept)), heights, color=colors)
-    ax.bar_label(bars, labels=[_short(h) for h in heights], fontsize=8)
+    ax.bar_label(bars, labels=_labels(heights), fontsize=8)
     ax.set_xticks(range(len(kept)), labels, rotation=20, ha="right")
     ax.set_ylabel(ylabel)
     if log:
@@ -227,10 +237,14 @@ def _bars(
 
 
 HEADLINE_METRICS = {"ie": ("f1", "char_f1"), "gen": ("rouge_l", "bleu"), "cls": ("accuracy", "rank_accuracy")}
+KEY_LABELS = {"f1": "F1 (exact triples)", "char_f1": "F1 (shared characters)", "rouge_l": "ROUGE-L (characters)",
+              "bleu": "BLEU (characters)", "accuracy": "accuracy (generated label)",
+              "rank_accuracy": "accuracy (most probable label)", "perplexity_before": "before training",
+              "perplexity_after": "after training"}
 
 
 def _grouped_bars(ax: Axes, runs: Sequence[Run], keys: Sequence[str], title: str, ylabel: str, empty: str) -> None:
-    """Side-by-side bars of several ``metrics.json`` keys per run (grey shades, one per key)."""
+    """Side-by-side bars of several ``metrics.json`` keys per run (grey shades, one per key, named in words)."""
     kept = [(label, run.metrics) for label, run in zip(run_labels(runs), runs) if any(k in run.metrics for k in keys)]
     ax.set_title(title)
     if not kept:
@@ -242,10 +256,12 @@ def _grouped_bars(ax: Axes, runs: Sequence[Run], keys: Sequence[str], title: str
     for index, key in enumerate(keys):
         offset = (index - (len(keys) - 1) / 2) * width
         heights = [_number(metrics.get(key)) or 0.0 for _, metrics in kept]
-        bars = ax.bar([p + offset for p in range(len(kept))], heights, width, color=shades[index % 3], label=key)
-        ax.bar_label(bars, labels=[_short(h) for h in heights], fontsize=7)
+        bars = ax.bar([p + offset for p in range(len(kept))], heights, width, color=shades[index % 3],
+                      label=KEY_LABELS.get(key, key))
+        ax.bar_label(bars, labels=_labels(heights), fontsize=7)
     ax.set_xticks(range(len(kept)), [label for label, _ in kept], rotation=20, ha="right")
     ax.set_ylabel(ylabel)
+    ax.set_ylim(bottom=0)  # scores and perplexities are never negative (an all-zero panel stays readable)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
 
@@ -276,12 +292,12 @@ def plot_comparison(runs: Sequence[Run], path: str | os.PathLike | None = None) 
     plot_loss_curves(runs, ax=axes[0, 0])
     tasks = sorted({run.task for run in runs if run.task})
     headline = tuple(dict.fromkeys(k for task in tasks for k in HEADLINE_METRICS.get(task, ())))
-    _grouped_bars(axes[0, 1], runs, headline or ("accuracy",), f"Task metrics ({', '.join(headline) or '–'})",
+    _grouped_bars(axes[0, 1], runs, headline or ("accuracy",), f"Task metrics on {', '.join(tasks) or '–'}",
                   "score (higher is better)", "not evaluated yet")
     _bars(axes[0, 2], runs, [row["trainable_params"] for row in rows], "Trainable parameters", "parameters (log)",
           log=True)
     _memory_panel(axes[1, 0], runs, rows)
-    _bars(axes[1, 1], runs, [row["train_runtime_s"] for row in rows], "Training time", "seconds")
+    _bars(axes[1, 1], runs, [row["train_runtime_s"] for row in rows], "Training time", "time (s)")
     _perplexity_panel(axes[1, 2], runs)
     fig.suptitle(f"Fine-tuning methods compared{' on ' + ', '.join(tasks) if tasks else ''}", fontsize=14)
     fig.tight_layout()
@@ -437,12 +453,18 @@ def published_results() -> dict[str, Any]:
     return json.loads(_reference_file("published.json").read_text(encoding="utf-8"))
 
 
-def published_markdown() -> str:
-    """The published comparison as a Markdown table, with its source and how far to trust small differences."""
+def published_markdown(methods: Sequence[str] | str | None = None) -> str:
+    """The published comparison as a Markdown table, with its source and how far to trust small differences.
+
+    ``methods`` keeps the rows whose ``course_method`` is one of them (e.g. ``"ptuning_v2"``: both prefix rows).
+    """
     table = published_results()
+    wanted = [methods] if isinstance(methods, str) else methods
     lines = ["| method (their name) | what trains | trainable share | GPU memory | train time | IE F1 | "
              f"D2Q score (base {table['d2q_base_model_score']}) |", "|---|---|---|---|---|---|---|"]
     for row in table["rows"]:
+        if wanted is not None and row["course_method"] not in wanted:
+            continue
         share = row["trainable_share_pct"]
         lines.append(f"| {row['method']} | {row['what_trains']} | {share:g}% | {row['gpu_memory_gb']} GB | "
                      f"{row['train_minutes']} min | {row['ie_f1']:.4f} | {row['d2q_score']} |")

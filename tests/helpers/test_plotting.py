@@ -134,6 +134,16 @@ def test_plot_comparison_panels(runs_dir, tmp_path):
     assert bars(memory) == 2 * len(runs)  # peak, and the part in use at the start drawn over it
     assert params.get_yscale() == "log"
     assert bars(forgetting) == 2  # before and after, for the one run that has them
+    legend = [t.get_text() for t in forgetting.get_legend().get_texts()]
+    assert legend == ["before training", "after training"]  # words, not metrics.json keys
+    assert all("_" not in t.get_text() for t in metric.get_legend().get_texts())
+    assert runtime.get_ylabel() == "time (s)"
+
+
+def test_bar_labels_use_one_format_per_panel():
+    assert plotting._labels([626.0, 1000.0, 12.4]) == ["626", "1,000", "12"]  # not "1k" next to "626"
+    assert plotting._labels([81_920.0, 3_670_016.0]) == ["81.9k", "3.67M"]
+    assert plotting._labels([0.5359, 0.0]) == ["0.536", "0"]
 
 
 def test_plot_comparison_without_perplexity_shows_a_note(tmp_path):

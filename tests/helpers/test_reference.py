@@ -90,6 +90,14 @@ def test_published_markdown_renders_every_row_with_its_source():
     assert "0.0586%" in text and "0.6283" in text and "liucongg/ChatGLM-Finetuning" in text
 
 
+def test_published_markdown_keeps_the_rows_of_the_methods_asked_for():
+    prefix = plotting.published_markdown("ptuning_v2")
+    assert "| PT-Only-Embedding |" in prefix and "| PT |" in prefix
+    assert "| Lora |" not in prefix and "| Freeze |" not in prefix and "liucongg/ChatGLM-Finetuning" in prefix
+    both = plotting.published_markdown(["lora", "freeze"])
+    assert "| Lora |" in both and "| Freeze |" in both and "| PT |" not in both
+
+
 def _labels(ax):
     return [line.get_label() for line in ax.get_lines() if not line.get_label().startswith("_")]
 

@@ -1,0 +1,230 @@
+"""What a notebook shows: Markdown tables (plain text outside Jupyter), a live loss plot, the TensorBoard hint.
+
+Tables are :class:`Table` objects whose ``repr`` is the Markdown text, so the same calls work in a console; the
+live plot only draws when an IPython kernel is running.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from .data import IGNORE_INDEX, Example, Task, encode_example
+from .plotting import METHOD_COLORS, smooth
+from .runs import Run, read_predictions
+
+
+@dataclasses.dataclass
+class Table:
+    """Markdown that a notebook renders as a table and a console prints as text."""
+
+    text: str
+
+    def _repr_markdown_(self) -> str:
+        return self.text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+def _cell(value: Any, limit: int | None = None) -> str:
+    text = str(value)
+    if limit and len(text) > limit:
+        text = text[:limit] + "…"
+    return text.replace("|", "\\|").replace("\n", "<br>") or "∅"
+
+
+def show_examples(examples: Sequence[Example], n: int = 3, width: int = 80) -> Table:
+    """The first ``n`` rows of a split: input text (shortened to ``width`` characters) and expected answers."""
+    lines = ["| # | text | answer |", "|---|---|---|"]
+    for index, example in enumerate(examples[:n]):
+        answers = "<br>or: ".join(_cell(t) for t in example.targets)
+        lines.append(f"| {index} | {_cell(example.text, width)} | {answers} |")
+    return Table("\n".join(lines) + f"\n\n{len(examples)} rows in this split.")
+
+
+def layout_rows(tokenizer, task: Task, example: Example, **lengths: int) -> list[dict[str, Any]]:
+    """Every position of one encoded training row: token, id, label, and its role in the layout."""
+    row = encode_example(tokenizer, task, example, **lengths)
+    ids, labels = row["input_ids"], row["labels"]
+    tokens = tokenizer.convert_ids_to_tokens(ids)
+    prompt = len(tokenizer.tokenize(task.prompt))
+    gmask = ids.index(tokenizer.gmask_token_id)
+    rows = []
+    for position, (token, token_id, label) in enumerate(zip(tokens, ids, labels)):
+        if position == gmask:
+            role = "[gMASK]"
+        elif position == gmask + 1:
+            role = "<sop>"
+        elif position == len(ids) - 1:
+            role = "<eop>"
+        else:
+            role = "prompt" if position < prompt else "text" if position < gmask else "answer"
+        rows.append({"position": position, "token": token, "id": token_id, "label": label, "role": role,
+                     "scored": label != IGNORE_INDEX})
+    return rows
+
+
+def _shown_positions(rows: list[dict], head: int = 3, answer: int = 8) -> list[int]:
+    """Positions worth showing: the start, the end of the text, the special tokens and the answer's ends."""
+    gmask = next(r["position"] for r in rows if r["role"] == "[gMASK]")
+    last = len(rows) - 1
+    keep = set(range(min(head, gmask))) | set(range(max(gmask - 3, 0), gmask + 2))
+    keep |= set(range(gmask + 2, min(gmask + 2 + answer, last))) | {last - 1, last}
+    return sorted(p for p in keep if 0 <= p <= last)
+
+
+def show_layout(tokenizer, task: Task, example: Example, full: bool = False, **lengths: int) -> Table:
+    """One training row as ChatGLM sees it: tokens, ids, labels (-100 = not scored) and roles.
+
+    Long rows are shortened around the interesting positions unless ``full``.
+    """
+    rows = layout_rows(tokenizer, task, example, **lengths)
+    gmask = next(r["position"] for r in rows if r["role"] == "[gMASK]")
+    answer = sum(r["role"] == "answer" for r in rows)
+    summary = (f"**{len(rows)} tokens**: {gmask} of prompt and text (label -100: never scored), `[gMASK]` at "
+               f"{gmask}, `<sop>` at {gmask + 1}, {answer} answer tokens, `<eop>` at {len(rows) - 1}. The labels "
+               f"that are not -100 ({sum(r['scored'] for r in rows)} of them) are what the loss scores; "
+               "inside the model position *i* predicts the label at *i + 1*.")
+    lines = [summary, "", "| position | token | id | label | role |", "|---|---|---|---|---|"]
+    previous = -1
+    for position in range(len(rows)) if full else _shown_positions(rows):
+        if position > previous + 1:
+            lines.append(f"| … | ({position - previous - 1} more) | | | |")
+        r = rows[position]
+        label = "-100" if not r["scored"] else str(r["label"])
+        lines.append(f"| {position} | `{_cell(r['token'])}` | {r['id']} | {label} | {r['role']} |")
+        previous = position
+    return Table("\n".join(lines))
+
+
+def show_metrics(metrics: Mapping[str, Any]) -> Table:
+    """The evaluation metrics as a two-column table, the task's main metric first and in bold."""
+    main = metrics.get("main_metric")
+    skip = {"task", "main_metric"}
+    keys = ([main] if main in metrics else []) + [k for k in metrics if k not in skip and k != main]
+    lines = ["| metric | value |", "|---|---|"]
+    for key in keys:
+        value = metrics[key]
+        text = f"{value:.4f}" if isinstance(value, float) else str(value)
+        lines.append(f"| **{key}** (main) | **{text}** |" if key == main else f"| {key} | {text} |")
+    return Table("\n".join(lines))
+
+
+def show_predictions(run_dir: str | os.PathLike, n: int = 3, width: int = 60) -> Table:
+    """The first ``n`` test answers of a run next to their references (from ``predictions.jsonl``)."""
+    lines = ["| text | model's answer | reference |", "|---|---|---|"]
+    for row in read_predictions(run_dir, limit=n):
+        lines.append(f"| {_cell(row['text'], width)} | {_cell(row['prediction'], width)} | "
+                     f"{_cell(row['references'][0], width)} |")
+    return Table("\n".join(lines))
+
+
+def show_artifact(run_dir: str | os.PathLike) -> Table:
+    """The files of a run's ``artifact/`` folder and their sizes: all a method needs on top of the base model."""
+    folder = Path(run_dir) / "artifact"
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    lines = ["| file | size |", "|---|---|"] + [f"| {p.relative_to(folder)} | {p.stat().st_size / 1024:,.1f} KiB |"
+                                                for p in files]
+    total = sum(p.stat().st_size for p in files)
+    return Table("\n".join(lines) + f"\n\n{len(files)} files, {total / 2**20:,.2f} MiB in {folder.name}/.")
+
+
+def _shell_active() -> bool:
+    try:
+        from IPython.core.interactiveshell import InteractiveShell
+    except ImportError:
+        return False
+    return InteractiveShell.initialized()
+
+
+class LiveLossPlot(TrainerCallback):
+    """Redraws the training loss in place every ``every`` logged steps (pass to ``helpers.train(callbacks=...)``).
+
+    In a notebook the figure is one output that updates; elsewhere nothing is shown and :meth:`figure` still
+    draws the curve so far.
+    """
+
+    def __init__(self, every: int = 5, method: str | None = None, smooth_weight: float = 0.9) -> None:
+        self.every, self.method, self.smooth_weight = max(1, every), method, smooth_weight
+        self.steps: list[int] = []
+        self.losses: list[float] = []
+        self.max_steps = 0
+        self._handle = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.max_steps = state.max_steps or args.max_steps
+        self._show()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs or "loss" not in logs:
+            return
+        self.steps.append(state.global_step)
+        self.losses.append(float(logs["loss"]))
+        if len(self.losses) % self.every == 0:
+            self._show()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._show()
+
+    def figure(self):
+        """The curve so far: raw loss faint, smoothed loss solid."""
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 3.8))
+        plt.close(fig)
+        color = METHOD_COLORS.get(self.method or "", "#1f77b4")
+        if self.losses:
+            ax.plot(self.steps, self.losses, color=color, alpha=0.3, linewidth=1, label="loss")
+            ax.plot(self.steps, smooth(self.losses, self.smooth_weight), color=color, linewidth=2, label="smoothed")
+            ax.legend(loc="upper right")
+        if self.max_steps:
+            ax.set_xlim(0, self.max_steps)
+        step = self.steps[-1] if self.steps else 0
+        last = f", loss {self.losses[-1]:.4f}" if self.losses else ""
+        ax.set_title(f"{self.method or 'training'}: step {step}/{self.max_steps or '?'}{last}")
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        return fig
+
+    def _show(self) -> None:
+        if not _shell_active():
+            return
+        from IPython.display import display
+
+        fig = self.figure()
+        if self._handle is None:
+            self._handle = display(fig, display_id=True)
+        else:
+            self._handle.update(fig)
+
+
+def tensorboard_hint(logdir: str | os.PathLike) -> None:
+    """Print how to open TensorBoard on ``logdir`` (used where no server should be started)."""
+    print("TensorBoard is not started here (no interactive notebook frontend). To watch the runs:\n"
+          f"  in a terminal:        tensorboard --logdir {logdir}\n"
+          f"  in Colab or Jupyter:  %load_ext tensorboard   then   %tensorboard --logdir {logdir}")
+
+
+
+def show_runs(runs: Sequence[Run], runs_dir: str | os.PathLike) -> Table:
+    """The runs found (name, task, model, steps, status), or a clear message when there are none."""
+    if not runs:
+        return Table(f"**No runs found in `{runs_dir}`.** Run the method notebooks 01–04 first (each writes a "
+                     "`<method>-<task>` run there), or set `QUICK_COMPARE = True` (environment: "
+                     "`COURSE_QUICK_COMPARE=1`) to train all four methods briefly in this notebook. The cells "
+                     "below still run; their plots and tables stay empty.")
+    lines = ["| run | method | task | model | steps | status | evaluated |", "|---|---|---|---|---|---|---|"]
+    for run in runs:
+        model = str(run.info.get("model", "–"))
+        model = Path(model).name if Path(model).is_dir() else model  # a local folder: its name is enough
+        lines.append(f"| {run.name} | {run.method} | {run.task} | {model} | {run.info.get('global_step', '–')} | "
+                     f"{run.info.get('status', '–')} | {'yes' if run.metrics else 'no'} |")
+    return Table("\n".join(lines) + f"\n\n{len(runs)} runs in `{runs_dir}`.")
