@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import helpers.display
 from helpers import notebook as nb
 from helpers.data import Example, get_task
 from helpers.plotting import Run
@@ -141,23 +142,23 @@ def _write_run(folder, **info):
     return folder
 
 
-def test_prepare_run(tmp_path, capsys):
+def test_replace_or_resume_run(tmp_path, capsys):
     options, training = {"r": 8, "target_modules": ("query_key_value",)}, {"max_steps": 8, "learning_rate": 0.005}
-    assert nb.prepare_run(tmp_path, "lora-ie", "tiny", options, training) == (tmp_path / "lora-ie", False)
+    assert nb.replace_or_resume_run(tmp_path, "lora-ie", "tiny", options, training) == (tmp_path / "lora-ie", False)
     _write_run(tmp_path / "lora-ie", status="running")
-    assert nb.prepare_run(tmp_path, "lora-ie", "tiny", options, training) == (tmp_path / "lora-ie", True)
+    assert nb.replace_or_resume_run(tmp_path, "lora-ie", "tiny", options, training) == (tmp_path / "lora-ie", True)
     assert (tmp_path / "lora-ie").exists()
     _write_run(tmp_path / "lora-ie", status="running")
-    assert nb.prepare_run(tmp_path, "lora-ie", "other", options, training)[1] is False
+    assert nb.replace_or_resume_run(tmp_path, "lora-ie", "other", options, training)[1] is False
     assert not (tmp_path / "lora-ie").exists()
     _write_run(tmp_path / "lora-ie")  # finished: a new run replaces it
-    assert nb.prepare_run(tmp_path, "lora-ie", "tiny", options, training)[1] is False
+    assert nb.replace_or_resume_run(tmp_path, "lora-ie", "tiny", options, training)[1] is False
     assert "Replacing" in capsys.readouterr().out
     _write_run(tmp_path / "lora-ie", status="failed", error="KeyboardInterrupt")  # interrupted: resumed
-    assert nb.prepare_run(tmp_path, "lora-ie", "tiny", options, training) == (tmp_path / "lora-ie", True)
+    assert nb.replace_or_resume_run(tmp_path, "lora-ie", "tiny", options, training) == (tmp_path / "lora-ie", True)
     (tmp_path / "lora-ie" / "my_notes.txt").write_text("mine")
     _write_run(tmp_path / "lora-ie", trained_at="2026-01-01T00:00:00Z", record_version=1)
-    assert nb.prepare_run(tmp_path, "lora-ie", "tiny", options, training)[1] is False
+    assert nb.replace_or_resume_run(tmp_path, "lora-ie", "tiny", options, training)[1] is False
     assert [p.name for p in (tmp_path / "lora-ie").iterdir()] == ["my_notes.txt"]  # only the run's files go
 
 
@@ -180,7 +181,7 @@ def test_full_size_lines():
     assert freeze.trainable == 81_920 and "trainable params: 81,920 || all params: 3,355,746,304" in str(freeze)
     dequantized = nb.full_size_line("freeze", layers=5, dequantize=True)
     assert dequantized.trainable == 1_006_899_200
-    assert dequantized.fits() == {"T4 (16 GB)": False, "A100 (40 GB)": True}
+    assert dequantized.fits() == {"T4-16G": False, "A100-40G": True}
     assert nb.full_size_line("lora", r=8).trainable == 3_670_016
     assert nb.full_size_line("ptuning_v2", prefix_projection=False).trainable == 3_670_016
     projection = nb.full_size_line("ptuning_v2")
@@ -293,7 +294,7 @@ def test_live_loss_plot_updates_one_display(monkeypatch):
 
     import IPython.display
 
-    monkeypatch.setattr(nb, "_shell_active", lambda: True)
+    monkeypatch.setattr(helpers.display, "_shell_active", lambda: True)
     monkeypatch.setattr(IPython.display, "display", display)
     _feed(nb.LiveLossPlot(every=2), [3.0, 2.0, 1.0, 0.5])
     kinds = [kind for kind, _ in shown]
@@ -345,3 +346,80 @@ def test_heldout_perplexity(small_tokenizer):
     model = model_for(small_tokenizer, seed=0)
     value = nb.heldout_perplexity(model, small_tokenizer, limit=3)
     assert value == pytest.approx(perplexity(model, small_tokenizer, heldout_texts(3)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The method notebooks' setup companions
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_loss_windows_by_hand():
+    losses = [10.0] * 2 + [5.0] * 16 + [1.0, 3.0]
+    assert nb.loss_windows(losses) == (10.0, 2.0)  # a tenth of 20 points: the first two, the last two
+    assert nb.loss_windows([4.0]) == (4.0, 4.0)
+    with pytest.raises(ValueError):
+        nb.loss_windows([])
+
+
+@pytest.mark.parametrize("gpu_gib, expected", [(15.0, False), (79.0, True)])
+def test_prefix_projection_follows_the_memory_estimate(capsys, gpu_gib, expected):
+    from helpers.estimate import estimate
+
+    course = SimpleNamespace(toy=False, runtime={"gpu_memory_gib": gpu_gib}, model_name=nb.REAL_MODEL,
+                             task=get_task("ie"))
+    assert nb.choose_prefix_projection(course, None, 16) is expected
+    out = capsys.readouterr().out
+    seq = get_task("ie").max_source_length + get_task("ie").max_target_length + 3
+    peak = estimate(nb.REAL_MODEL, "ptuning_v2", seq=seq, batch=1, gradient_checkpointing=True,
+                    prefix_projection=True).total / nb.GIB
+    assert f"estimated peak is {peak:.1f} GiB" in out and f"this GPU has {gpu_gib:.1f} GiB" in out
+    assert ("WARNING" in out and "IE F1 0.0" in out) is not expected
+
+
+def test_prefix_projection_as_requested_and_on_the_tiny_model(capsys):
+    course = SimpleNamespace(toy=True, runtime={"gpu_memory_gib": None}, model_name="tiny", task=get_task("ie"))
+    assert nb.choose_prefix_projection(course, None, 4) is True
+    assert nb.choose_prefix_projection(course, False, 4) is False
+    out = capsys.readouterr().out
+    assert "set by PREFIX_PROJECTION" in out and out.count("WARNING") == 1
+
+
+def test_drive_only_on_colab(monkeypatch, capsys):
+    monkeypatch.delenv("COLAB_RELEASE_TAG", raising=False)
+    monkeypatch.delitem(sys.modules, "google.colab", raising=False)
+    assert nb.drive_runs_dir(False) is None
+    assert nb.drive_runs_dir(True) is None
+    assert "only applies on Colab" in capsys.readouterr().out
+
+
+def test_text_progress_bars_headless_and_restored(monkeypatch):
+    import transformers.trainer_callback as callbacks
+    from tqdm import std
+
+    monkeypatch.setenv("COURSE_TENSORBOARD", "0")
+    before = callbacks.tqdm
+    with nb.text_progress_bars():
+        assert callbacks.tqdm is std.tqdm
+    assert callbacks.tqdm is before
+    monkeypatch.setenv("COURSE_TENSORBOARD", "1")
+    with nb.text_progress_bars():
+        assert callbacks.tqdm is before
+
+
+def test_comparison_explorer_headless_shows_no_widgets(monkeypatch):
+    import IPython.display
+
+    shown = []
+    monkeypatch.setattr(IPython.display, "display", lambda obj, display_id=False: shown.append(obj))
+    monkeypatch.setenv("COURSE_TENSORBOARD", "0")
+    explorer = nb.ComparisonExplorer([_run("freeze", "ie")], task="ie")
+    explorer.show()
+    assert explorer.controls not in shown and len(shown) == 2  # the figure and the table
+    monkeypatch.setenv("COURSE_TENSORBOARD", "1")
+    explorer.show()
+    assert shown[2] is explorer.controls
+
+
+def test_find_runs_in_a_folder_not_made_yet(tmp_path):
+    assert nb.find_runs(tmp_path / "not-yet") == []
+    assert nb.find_runs(tmp_path) == []
