@@ -28,8 +28,15 @@ def strip(notebook):
 
 
 def main(paths: list[str]) -> int:
+    if any(p in ("-h", "--help") for p in paths):
+        print(__doc__.strip())
+        return 0
     files = [Path(p) for p in paths] or sorted(Path(__file__).resolve().parent.glob("*.ipynb"))
     for path in files:
+        if path.suffix != ".ipynb" or not path.is_file():
+            print(f"error: {path}: not a notebook file (.ipynb); give notebook paths or nothing for all",
+                  file=sys.stderr)
+            return 2
         before = nbformat.read(path, as_version=4)
         after = strip(nbformat.from_dict(before))
         if after != before:
