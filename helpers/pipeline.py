@@ -26,12 +26,22 @@ from .methods import METHODS, apply_method
 from .models import load_model
 from .plotting import write_comparison
 from .recipe import Recipe, describe, resolve_recipe
-from .runs import ARTIFACT, RunRecord, evaluation_folder, last_complete_checkpoint, load_runs, start_over
+from .runs import (
+    ARTIFACT,
+    RunRecord,
+    check_out_folder,
+    evaluation_folder,
+    last_complete_checkpoint,
+    load_runs,
+    start_over,
+)
 from .training import attach_artifact, is_main_process, train
 
 START_OVER = "use --fresh to start over or another --out"
 # Settings that change only the evaluation, not what trains (a finished run can be evaluated again with others).
 EVALUATION_SETTINGS = ("eval_limit", "test_file", "eval_batch_size", "lengths.max_new_tokens")
+EVALUATION_FLAGS = {"eval_limit": "--eval-limit", "test_file": "--test-file",
+                    "lengths.max_new_tokens": "--max-new-tokens"}
 
 
 def refuse_other_recipe(record: RunRecord, recipe: Recipe) -> None:
@@ -39,12 +49,16 @@ def refuse_other_recipe(record: RunRecord, recipe: Recipe) -> None:
     if not record.recipe:
         return
     diffs = recipe.differences(record.recipe)
+    if any(key == "method" for key, _, _ in diffs):  # another method has other options and rates: name the method
+        diffs = [diff for diff in diffs if diff[0] == "method"]
     if diffs:
         was = ", ".join(describe(key, old) for key, old, _ in diffs)
         asks = ", ".join(describe(key, new) for key, _, new in diffs)
         hint = START_OVER
         if record.trained and all(key in EVALUATION_SETTINGS for key, _, _ in diffs):
-            hint += f", or evaluate it with these settings: python -m helpers evaluate --run {record.folder}"
+            flags = "".join(f" {EVALUATION_FLAGS[key]} {new}" for key, _, new in diffs
+                            if new is not None and key in EVALUATION_FLAGS)
+            hint += f", or evaluate it with these settings: python -m helpers evaluate --run {record.folder}{flags}"
         raise UserError(f"{record.folder}: exists with {was}, this command asks {asks}; {hint}")
 
 
@@ -61,6 +75,20 @@ def _release(*objects) -> None:
         torch.cuda.empty_cache()
 
 
+def check_rerun(recipe: Recipe, out_dir: str | Path, resume: bool = True) -> None:
+    """Raise, before anything trains, when ``out_dir`` cannot take ``recipe``: not a folder for a run, or it holds
+    a run of another recipe that trained or saved a checkpoint (``resume=False`` starts over instead)."""
+    out_dir = check_out_folder(out_dir)
+    record = RunRecord.find(out_dir)
+    if record is None or not resume:
+        return
+    try:
+        refuse_other_recipe(record, recipe)
+    except UserError:
+        if record.trained or last_complete_checkpoint(out_dir, remove_broken=False) is not None:
+            raise
+
+
 def run_recipe(recipe: Recipe, out_dir: str | Path, resume: bool = True, reevaluate: bool = False,
                perplexity_before: float | None = None) -> dict:
     """Train and evaluate one recipe into ``out_dir``; returns its metrics (written to ``out_dir/metrics.json``).
@@ -69,7 +97,7 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, resume: bool = True, reevalu
     into a new ``eval-<time>/`` subfolder, and those metrics are returned). An unfinished run of the same recipe
     resumes; one of another recipe is refused, unless it never saved a checkpoint. ``resume=False`` starts over.
     """
-    out_dir = Path(out_dir)
+    out_dir = check_out_folder(out_dir)
     record = RunRecord.find(out_dir)
     if record is not None and not resume:
         print(f"{out_dir}: starting over (--fresh); the earlier run's files are removed.")
@@ -147,10 +175,8 @@ def reevaluate_run(record: RunRecord, recipe: Recipe | None = None, out_dir: str
 
     recipe = recipe or recipe_for_evaluation(record)
     target = Path(out_dir) if out_dir is not None else evaluation_folder(record.folder)
-    if target.resolve() == record.folder.resolve() or (target / "run.json").exists():
-        raise UserError(f"{target}: is a training run folder; evaluating into it would overwrite its results; "
-                        "leave --out out (a new eval-<time>/ subfolder is used) or choose an empty folder")
-    model, tokenizer = load_finetuned(record.folder, device=recipe.device, dtype=recipe.dtype)
+    check_out_folder(target, purpose="evaluation")
+    model, tokenizer = load_finetuned(record.folder, device=recipe.device, dtype=recipe.dtype, model=recipe.model)
     target.mkdir(parents=True, exist_ok=True)
     examples = load_split(recipe.task, "test", recipe.test_file, limit=recipe.eval_limit)
     metrics = evaluate(model, tokenizer, recipe.task_spec(), examples, out_dir=target, **recipe.evaluation_options())
@@ -163,17 +189,18 @@ def reevaluate_run(record: RunRecord, recipe: Recipe | None = None, out_dir: str
 
 def recipe_for_evaluation(record: RunRecord, task: str | None = None, test_file: str | None = None,
                           eval_limit: int | None = None, max_new_tokens: int | None = None, device: str | None = None,
-                          dtype: str | None = None) -> Recipe:
+                          dtype: str | None = None, model: str | None = None) -> Recipe:
     """The recipe to evaluate a finished run again: its own, with the given evaluation settings changed.
 
     A run trained through ``helpers.train`` without a recipe gets the defaults of its model, method and options.
+    ``model`` names the base model when it moved (default: the one the run recorded).
     """
     stored = record.recipe or {}
     lengths = dict(stored.get("lengths", {}))
     if max_new_tokens is not None:
         lengths["max_new_tokens"] = max_new_tokens
     return resolve_recipe(
-        record.model, record.method, task or record.task or stored.get("task") or "ie",
+        record.base_model(model), record.method, task or record.task or stored.get("task") or "ie",
         method_options=record.method_options or stored.get("method_options"), training=stored.get("training"),
         lengths=lengths, eval_limit=eval_limit, eval_batch_size=stored.get("eval_batch_size"),
         test_file=test_file or stored.get("test_file"), device=device, dtype=dtype or stored.get("dtype"),
@@ -251,12 +278,15 @@ def compare(
     if unknown or not methods:
         raise UserError(f"unknown method(s) {', '.join(unknown) or '(none given)'} (--methods); choose from "
                         f"{', '.join(METHODS)}")
+    check_out_folder(out, purpose="comparison")
     options = _recipe_options(None, training, evaluation, lengths, train_file, test_file, eval_limit, device, dtype,
                               seed)
     recipes = [resolve_recipe(model, method, task, **{**options, "method_options": (method_overrides or {}).get(
         method)}) for method in methods]
     started = time.time()
     out = Path(out)
+    for recipe in recipes:  # a rerun with other settings stops here, not after the first methods have trained
+        check_rerun(recipe, out / recipe.method, resume=resume)
     out.mkdir(parents=True, exist_ok=True)
     before = None
     for recipe in recipes:

@@ -140,6 +140,23 @@ class RunRecord:
     def path(self) -> Path:
         return self.folder / RUN_FILE
 
+    def base_model(self, model: str | None = None) -> str:
+        """The base model to load the run onto: ``model`` when given (the checkpoint moved), else the recorded one.
+
+        A recorded folder that is gone (moved, deleted, or a run copied from another machine) is named with the way
+        out, before anything loads.
+        """
+        if model is not None:
+            return model
+        if not self.model:
+            raise UserError(f"{self.path} does not name its base model; name it: python -m helpers evaluate --run "
+                            f"{self.folder} --model <folder or hub name> (API: load_finetuned(run, model=...))")
+        if Path(self.model).is_absolute() and not Path(self.model).is_dir():
+            raise UserError(f"{self.path}: the run's base model {self.model} is not there any more (no such folder); "
+                            f"put it back, or say where it is now: python -m helpers evaluate --run {self.folder} "
+                            "--model <folder> (API: load_finetuned(run, model=...))")
+        return self.model
+
     def metrics(self) -> dict[str, Any]:
         """The test metrics (``metrics.json``), or ``{}`` before evaluation."""
         path = self.folder / METRICS_FILE
@@ -237,6 +254,49 @@ def start_over(folder: str | os.PathLike) -> None:
     for entry in folder.glob(EVAL_PREFIX + "*"):
         if entry.is_dir() and (entry / METRICS_FILE).exists():
             shutil.rmtree(entry)
+
+
+def check_out_folder(folder: str | os.PathLike, option: str = "--out", purpose: str = "run") -> Path:
+    """Check a folder that results are about to be written into; raise :class:`UserError` naming ``option``.
+
+    ``purpose`` is ``"run"`` (a training run: a new or empty folder, or one that already holds a run),
+    ``"evaluation"`` (no run and no earlier evaluation inside, so nothing is overwritten), ``"comparison"`` (a
+    folder of run folders, not a run itself) or ``"folder"`` (only: a folder that can be made). Nothing is written.
+    """
+    folder = Path(folder).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{option} {folder}: is a file, not a folder; give a folder path such as runs/{folder.stem}")
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if existing is None or not existing.is_dir():
+        raise UserError(f"{option} {folder}: {existing} is a file, so no folder can be made there; choose another "
+                        f"{option}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{option} {folder}: {existing} is not writable; choose a folder you can write, such as "
+                        "runs/<name>")
+    if not folder.is_dir() or purpose == "folder":
+        return folder
+    has_run = (folder / RUN_FILE).is_file()
+    if purpose == "evaluation":
+        if has_run:
+            raise UserError(f"{option} {folder}: is a training run folder; evaluating into it would overwrite its "
+                            f"results; use --run {folder} (a new eval-<time>/ subfolder is used) or another {option}")
+        earlier = [name for name in (METRICS_FILE, PREDICTIONS_FILE) if (folder / name).exists()]
+        if earlier:
+            raise UserError(f"{option} {folder}: already holds an earlier evaluation ({earlier[0]}); choose a new "
+                            f"{option} so it is kept (or leave {option} out with --run)")
+    elif purpose == "comparison":
+        if has_run:
+            raise UserError(f"{option} {folder}: is the run folder of one method; compare writes one run folder per "
+                            f"method inside {option}: give another {option} such as runs/compare")
+    elif not has_run:
+        others = sorted(entry.name for entry in folder.iterdir()
+                        if not entry.name.startswith(".") and entry.name not in RUN_ENTRIES
+                        and not entry.name.startswith(EVAL_PREFIX))
+        if others:
+            shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+            raise UserError(f"{option} {folder}: already holds other files ({shown}) and no {RUN_FILE}; a run "
+                            f"writes its results there: give a new or empty folder such as runs/<name>")
+    return folder
 
 
 def evaluation_folder(run_dir: str | os.PathLike) -> Path:
@@ -435,12 +495,29 @@ def load_runs(*paths: str | os.PathLike, unfinished: bool = False) -> list[Run]:
     are left out with a printed note, unless ``unfinished`` (then each has its ``status``).
     """
     folders: list[Path] = []
+    found_in: dict[Path, Path] = {}  # run folder -> the folder it was found in (damaged records there are skipped)
     for path in paths:
         path = Path(path)
         if (path / RUN_FILE).is_file():
             folders.append(path)
         elif path.is_dir():
-            folders.extend(child for child in sorted(path.iterdir()) if (child / RUN_FILE).is_file())
+            children = [child for child in sorted(path.iterdir()) if (child / RUN_FILE).is_file()]
+            if not children:
+                print(f"{path}: no run folders found (a run folder holds {RUN_FILE})")
+            folders.extend(children)
+            found_in.update({child.resolve(): path for child in children})
+        elif path.exists():
+            raise UserError(f"{path}: is a file; give run folders or a folder of run folders (runs/)")
+        else:
+            raise UserError(f"{path}: no such folder; give run folders or a folder of run folders (runs/)")
     unique = list(dict.fromkeys(folder.resolve() for folder in folders))
-    runs = sorted((load_run(folder) for folder in unique), key=_method_rank)
+    loaded = []
+    for folder in unique:
+        try:
+            loaded.append(load_run(folder))
+        except UserError as error:
+            if folder not in found_in:
+                raise
+            print(f"{error}; left out")
+    runs = sorted(loaded, key=_method_rank)
     return runs if unfinished else finished_runs(runs)

@@ -39,7 +39,7 @@ from transformers.utils.notebook import NotebookProgressCallback
 
 from .data import Collator
 from .errors import UserError
-from .files import read_history, write_json
+from .files import FILE_MODE, read_history, write_json
 from .methods import MethodSetup, apply_method, base_dtype
 from .runs import (
     ARTIFACT,
@@ -47,6 +47,7 @@ from .runs import (
     TRAINABLE_FILE,
     RunRecord,
     artifact_problem,
+    check_out_folder,
     last_complete_checkpoint,
     now,
     start_over,
@@ -137,6 +138,9 @@ def save_artifact(model: nn.Module, folder: str | os.PathLike, method: str, opti
         save_file(tensors, tmp, metadata={"method": method})
         os.replace(tmp, folder / TRAINABLE_FILE)
     write_json(folder / METHOD_FILE, {"method": method, "options": options})
+    for path in folder.iterdir():  # safetensors writes 0600; results are readable by everyone, as open() writes them
+        if path.is_file():
+            os.chmod(path, FILE_MODE)
     return folder
 
 
@@ -336,8 +340,9 @@ def train(
     config = TrainingConfig(**hyperparameters)
     check_training({k: v for k, v in asdict(config).items() if k in TrainingSettings.__dataclass_fields__})
     if not any(p.requires_grad for p in model.parameters()):
-        raise ValueError("nothing to train: apply a method (helpers.freeze/embedding/ptuning_v2/lora) first")
-    run_dir = Path(out_dir)
+        raise UserError("nothing to train: no parameter of the model requires a gradient; apply a method first "
+                        "(helpers.freeze, embedding, ptuning_v2 or lora) to a freshly loaded model")
+    run_dir = check_out_folder(out_dir, option="out_dir", purpose="folder")
     main_process = is_main_process()  # under torchrun/accelerate only rank 0 writes files
     device = next(model.parameters()).device
     base = model.get_base_model() if isinstance(model, PeftModel) else model
@@ -500,20 +505,22 @@ def attach_artifact(model: nn.Module, artifact: str | os.PathLike) -> nn.Module:
 
 
 def load_finetuned(run_dir: str | os.PathLike, device: torch.device | str | None = None,
-                   dtype: torch.dtype | str | None = None):
-    """(model, tokenizer) rebuilt from a run folder: its base model, its method, and its small artifact."""
+                   dtype: torch.dtype | str | None = None, model: str | None = None):
+    """(model, tokenizer) rebuilt from a run folder: its base model, its method, and its small artifact.
+
+    ``model`` names the base model when it is no longer where the run recorded it (default: the recorded one).
+    """
     from .models import load_model
 
     record = RunRecord.load(run_dir)
     if not record.trained:
         raise UserError(f"{record.summary()}: training did not finish, so there is no artifact to load; run its "
                         "command again to resume")
-    if not record.model:
-        raise UserError(f"{record.path} does not name its base model; train the run again (--fresh)")
+    base = record.base_model(model)
     problem = artifact_problem(record.folder / ARTIFACT)
     if problem:  # checked before the base model loads
         raise UserError(f"{problem}; the run's artifact is incomplete: train the run again (--fresh)")
-    model, tokenizer = load_model(record.model, device=device, dtype=dtype)
+    model, tokenizer = load_model(base, device=device, dtype=dtype)
     if record.quantization_bit and not model.config.quantization_bit:
         model.quantize(record.quantization_bit)
     return attach_artifact(model, record.folder / ARTIFACT), tokenizer

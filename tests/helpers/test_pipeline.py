@@ -154,3 +154,13 @@ def test_model_size_detection(tiny_checkpoint):
     assert is_small_model("tiny") and is_small_model(str(tiny_checkpoint))
     assert not is_small_model("THUDM/chatglm-6b-int4")
     assert not is_small_model(meta_model("THUDM/chatglm-6b-int4"))
+
+
+def test_compare_refuses_a_changed_rerun_before_any_method_trains(finished, tiny_checkpoint, monkeypatch):
+    out, _ = finished
+    before = snapshot(out)
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("a method trained before the refusal"))
+    with pytest.raises(UserError, match=rf"^{out}: exists with .*steps=2.*this command asks .*steps=3"):
+        pipeline.compare(str(tiny_checkpoint), "ie", ["freeze", "lora"], out.parent, device="cpu", eval_limit=2,
+                         training={"max_steps": 3, "batch_size": 2})
+    assert not (out.parent / "freeze").exists() and snapshot(out) == before

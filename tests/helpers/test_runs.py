@@ -164,3 +164,68 @@ def test_evaluation_folders_never_collide(tmp_path):
     first.mkdir()
     second = runs.evaluation_folder(tmp_path)
     assert first.name.startswith("eval-") and second != first and second.parent == tmp_path
+
+
+def test_out_folder_checks_name_the_option_and_write_nothing(tmp_path):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    with pytest.raises(UserError, match=r"^--out .*notes.txt: is a file, not a folder"):
+        runs.check_out_folder(a_file)
+    with pytest.raises(UserError, match="notes.txt is a file, so no folder can be made there"):
+        runs.check_out_folder(a_file / "run")
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "pyproject.toml").write_text("")
+    with pytest.raises(UserError, match=r"already holds other files \(pyproject.toml\) and no run.json"):
+        runs.check_out_folder(project)
+    assert runs.check_out_folder(tmp_path / "new" / "run") == tmp_path / "new" / "run"
+    RunRecord(project / "lora", name="lora").save()
+    assert runs.check_out_folder(project / "lora") == project / "lora"  # an existing run: reruns decide
+    with pytest.raises(UserError, match="is the run folder of one method"):
+        runs.check_out_folder(project / "lora", purpose="comparison")
+    with pytest.raises(UserError, match="is a training run folder; evaluating into it would overwrite"):
+        runs.check_out_folder(project / "lora", purpose="evaluation")
+    earlier = tmp_path / "eval"
+    earlier.mkdir()
+    (earlier / "metrics.json").write_text("{}")
+    with pytest.raises(UserError, match=r"already holds an earlier evaluation \(metrics.json\)"):
+        runs.check_out_folder(earlier, purpose="evaluation")
+    assert runs.check_out_folder(project, purpose="folder") == project
+    assert not (tmp_path / "new").exists()
+
+
+def test_out_folder_that_cannot_be_written_is_named(tmp_path, monkeypatch):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    monkeypatch.setattr(runs.os, "access", lambda path, mode: str(path) != str(locked))  # as for a read-only place
+    with pytest.raises(UserError, match=r"locked is not writable; choose a folder you can write"):
+        runs.check_out_folder(locked / "run")
+
+
+def test_load_runs_names_a_missing_path_and_skips_a_damaged_record_with_a_note(tmp_path, capsys):
+    with pytest.raises(UserError, match="rnus: no such folder"):
+        load_runs(tmp_path / "rnus")
+    (tmp_path / "file.txt").write_text("")
+    with pytest.raises(UserError, match="file.txt: is a file"):
+        load_runs(tmp_path / "file.txt")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert load_runs(empty) == [] and "no run folders found" in capsys.readouterr().out
+    RunRecord(tmp_path / "runs" / "good", name="good", method="lora", status="finished").save()
+    (tmp_path / "runs" / "bad").mkdir()
+    (tmp_path / "runs" / "bad" / "run.json").write_text('{"status": "fin')
+    assert [run.name for run in load_runs(tmp_path / "runs")] == ["good"]
+    assert "bad/run.json: not valid JSON" in capsys.readouterr().out
+    with pytest.raises(UserError, match="not valid JSON"):  # asked for by name: not skipped
+        load_runs(tmp_path / "runs" / "bad")
+
+
+def test_base_model_of_a_run_names_a_folder_that_is_gone(tmp_path):
+    assert RunRecord(tmp_path / "r", model="tiny").base_model() == "tiny"
+    assert RunRecord(tmp_path / "r", model=str(tmp_path)).base_model() == str(tmp_path)
+    moved = RunRecord(tmp_path / "r", model=str(tmp_path / "gone"))
+    with pytest.raises(UserError, match=r"the run's base model .*gone is not there any more .* --model <folder>"):
+        moved.base_model()
+    assert moved.base_model("elsewhere") == "elsewhere"
+    with pytest.raises(UserError, match="does not name its base model"):
+        RunRecord(tmp_path / "r").base_model()

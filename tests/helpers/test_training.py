@@ -39,6 +39,8 @@ def test_train_writes_run_folder_and_reloads_identically(tiny_checkpoint, tmp_pa
     files = {p.name for p in artifact.iterdir()}
     assert "method.json" in files
     assert ("adapter_model.safetensors" in files) if method == "lora" else ("trainable.safetensors" in files)
+    saved = [*artifact.iterdir(), *(tmp_path / method / "checkpoints").glob("checkpoint-*/*.safetensors")]
+    assert {str(p): stat.S_IMODE(p.stat().st_mode) for p in saved} == {str(p): 0o644 for p in saved}  # not 0600
     # small: only the trained part, never the base model
     size = sum(p.stat().st_size for p in artifact.iterdir())
     assert size < 4.5 * setup.trainable_params + 10_000
@@ -191,7 +193,8 @@ def test_train_refuses_a_model_with_nothing_trainable(tiny_checkpoint, tmp_path)
     model, tokenizer = load_model(str(tiny_checkpoint))
     for p in model.parameters():
         p.requires_grad_(False)
-    with pytest.raises(ValueError, match="apply a method"):
+    with pytest.raises(UserError, match="nothing to train: no parameter of the model requires a gradient; apply a "
+                                        "method first"):
         train(model, tokenizer, small_dataset(tokenizer), tmp_path, max_steps=1)
 
 
@@ -220,3 +223,12 @@ def test_reloaded_bf16_run_chats_without_autocast(tiny_checkpoint, tmp_path):
     assert {p.dtype for p in reloaded.parameters() if p.dtype.is_floating_point} == {torch.bfloat16}
     answer, history = reloaded.chat(tok, "你好", max_length=40, do_sample=False)
     assert isinstance(answer, str) and history[-1][0] == "你好"
+
+
+def test_an_out_dir_that_is_a_file_is_a_user_error(tiny_checkpoint, tmp_path):
+    model, tokenizer = load_model(str(tiny_checkpoint))
+    (tmp_path / "a_file").write_text("keep me")
+    setup = apply_method(model, "embedding")
+    with pytest.raises(UserError, match=r"^out_dir .*a_file: is a file, not a folder"):
+        train(setup, tokenizer, small_dataset(tokenizer, 2), tmp_path / "a_file", max_steps=1)
+    assert (tmp_path / "a_file").read_text() == "keep me"
