@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
 from .data import TASKS
@@ -162,12 +163,13 @@ def cmd_evaluate(args) -> int:
 
     if args.run:
         return _evaluate_run(args)
-    if args.out and (Path(args.out) / "run.json").exists():
-        raise UserError(f"--out {args.out}: is a training run folder; evaluating into it would overwrite its results; "
-                        f"use --run {args.out} to evaluate that run, or another --out")
-    recipe = resolve_recipe(args.model, None, args.task or "ie", lengths={"max_new_tokens": args.max_new_tokens},
-                            eval_limit=args.eval_limit, test_file=args.test_file, device=args.device,
-                            dtype=args.dtype)
+    if args.out:
+        from .runs import check_out_folder
+
+        check_out_folder(args.out, purpose="evaluation")
+    recipe = resolve_recipe(args.model or "tiny", None, args.task or "ie",
+                            lengths={"max_new_tokens": args.max_new_tokens}, eval_limit=args.eval_limit,
+                            test_file=args.test_file, device=args.device, dtype=args.dtype)
     from .data import load_split
     from .evaluation import evaluate
     from .models import load_model
@@ -192,7 +194,8 @@ def _evaluate_run(args) -> int:
     if problem:
         raise UserError(f"{problem}; the run's artifact is incomplete: train it again with --fresh")
     recipe = recipe_for_evaluation(record, task=args.task, test_file=args.test_file, eval_limit=args.eval_limit,
-                                   max_new_tokens=args.max_new_tokens, device=args.device, dtype=args.dtype)
+                                   max_new_tokens=args.max_new_tokens, device=args.device, dtype=args.dtype,
+                                   model=args.model)
     metrics = reevaluate_run(record, recipe, out_dir=args.out)
     print(json.dumps(metrics, indent=2, ensure_ascii=False))
     return 0
@@ -222,6 +225,13 @@ def cmd_estimate(args) -> int:
         device="cpu", gpu_memory_gib=args.gpu_memory, check_data=False,
     )
     seq = args.seq if args.seq is not None else recipe.lengths.max_source_length + recipe.lengths.max_target_length
+    if args.seq is not None:
+        from .models import model_config
+
+        longest = model_config(recipe.model).max_sequence_length
+        if isinstance(seq, bool) or not isinstance(seq, int) or not 1 <= seq <= longest:
+            raise UserError(f"--seq must be a whole number of tokens between 1 and {longest} (the model's "
+                            f"max_sequence_length), got {seq}")
     result = estimate(recipe.model, recipe.method, seq=seq, batch=recipe.training.batch_size,
                       gradient_checkpointing=recipe.training.gradient_checkpointing, **recipe.method_options)
     print(result.table())
@@ -265,7 +275,8 @@ def add_train(commands) -> None:
 def add_evaluate(commands) -> None:
     evaluate = commands.add_parser("evaluate", help="evaluate a run folder (or a base model) on a task's test split")
     evaluate.add_argument("--run", help="a finished run folder written by train/compare")
-    evaluate.add_argument("--model", default="tiny", help="base model to evaluate when no --run is given")
+    evaluate.add_argument("--model", help="the base model to evaluate when no --run is given (default: tiny); with "
+                                          "--run: where the run's base model is now, if it moved")
     evaluate.add_argument("--task", choices=sorted(TASKS))
     evaluate.add_argument("--test-file")
     evaluate.add_argument("--eval-limit", type=int)
@@ -311,8 +322,20 @@ def add_download(commands) -> None:
 COMMANDS = [add_compare, add_train, add_evaluate, add_params, add_estimate, add_download]
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with its mistakes in one line (what, which command, where the options are listed), status 2."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USER_ERROR, f"error: {' '.join(message.split())} ({self.prog}); see {self.prog} --help\n")
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings as one line, ``warning: ...``, without the source line that Python prints by default."""
+    return f"warning: {' '.join(str(message).split())}\n"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m helpers", description=__doc__,
+    parser = OneLineParser(prog="python -m helpers", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error (also accepted "
                                                              "after the command)")
@@ -344,6 +367,9 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv
     argv = [arg for arg in argv if arg != "--debug"]
     args = build_parser().parse_args(argv)
+    shown = warnings.formatwarning
+    if not debug:
+        warnings.formatwarning = _one_line_warning
     try:
         return args.func(args)
     except KeyboardInterrupt:
@@ -362,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
                        "or a shorter --max-source-length")
         print(message, file=sys.stderr)
         return EXIT_USER_ERROR
+    finally:
+        warnings.formatwarning = shown
 
 
 if __name__ == "__main__":

@@ -287,6 +287,21 @@ def check_training(settings: dict[str, Any]) -> TrainingSettings:
     return TrainingSettings(**{**settings, "learning_rate": float(lr)})
 
 
+def check_lengths(budget: dict[str, int], max_sequence_length: int) -> None:
+    """Prompt and answer together must fit the model's ``max_sequence_length`` (the longest text it was made for)."""
+    for name in ("max_source_length", "max_target_length", "max_new_tokens"):
+        if name in budget:
+            _whole(name, budget[name], 1, "tokens")
+    answer_name = "max_target_length"
+    if budget.get("max_new_tokens") is not None and budget["max_new_tokens"] > budget["max_target_length"]:
+        answer_name = "max_new_tokens"
+    total = budget["max_source_length"] + budget[answer_name]
+    if total > max_sequence_length:
+        raise UserError(f"{_spelled('max_source_length')} {budget['max_source_length']} + {_spelled(answer_name)} "
+                        f"{budget[answer_name]} = {total} tokens, more than the model's max_sequence_length "
+                        f"{max_sequence_length}; lower them so they add up to at most {max_sequence_length}")
+
+
 def _check_file(name: str, path: str | Path | None, task: str, split: str) -> str | None:
     """The absolute path of a user's data file, after checking that it exists and parses (``None``: bundled)."""
     if path is None:
@@ -341,6 +356,10 @@ def resolve_recipe(
         raise UserError(f"unknown task {task!r} (--task); choose one of {', '.join(TASKS)}")
     device_name, memory = _device(device)
     dtype_name = _dtype(dtype, device_name)
+    if gpu_memory_gib is not None and (isinstance(gpu_memory_gib, bool) or not isinstance(gpu_memory_gib, (int, float))
+                                       or not math.isfinite(gpu_memory_gib) or gpu_memory_gib <= 0):
+        raise UserError(f"gpu_memory_gib (--gpu-memory) must be a GPU's memory in GiB, above 0 (e.g. 15 for a T4), "
+                        f"got {gpu_memory_gib!r}")
     config = model_config(model)
     small = _is_small(config)
     options = resolve_method_options(method, method_options, config) if method is not None else {}
@@ -353,9 +372,7 @@ def resolve_recipe(
         raise UserError(f"unknown length setting {unknown[0]!r}; use max_source_length, max_target_length or "
                         "max_new_tokens")
     budget = {**default_lengths(task, small), **given}
-    for name in ("max_source_length", "max_target_length", "max_new_tokens"):
-        if name in budget:
-            _whole(name, budget[name], 1, "tokens")
+    check_lengths(budget, config.max_sequence_length)
     if eval_limit is not None:
         _whole("eval_limit", eval_limit, 1, "test examples to evaluate; leave it out for all")
     batch = eval_batch_size if eval_batch_size is not None else (TINY_EVALUATION if small else REAL_EVALUATION)[

@@ -163,11 +163,91 @@ def test_a_folder_that_is_no_model_is_one_line(tmp_path, capsys):
     assert "config.json" in error_line(capsys)
 
 
-def test_argparse_errors_exit_2(capsys):
+@pytest.mark.parametrize("argv, named", [
+    (["train", "--method", "lora", "--out", "x", "--steps", "many"], "argument --steps: invalid int value: 'many'"),
+    (["train", "--method", "lorra", "--out", "x"], "argument --method: invalid choice: 'lorra'"),
+    (["train", "--method", "lora", "--task", "qa", "--out", "x"], "argument --task: invalid choice: 'qa'"),
+    ([], "the following arguments are required: command"),
+])
+def test_argparse_errors_exit_2_with_one_line_and_the_help_to_read(capsys, argv, named):
     with pytest.raises(SystemExit) as caught:
-        main(["train", "--method", "lora", "--out", "x", "--steps", "many"])
+        main(argv)
     assert caught.value.code == 2
-    assert "invalid int value: 'many'" in capsys.readouterr().err
+    line = error_line(capsys)  # no usage block: one line
+    assert named in line and line.endswith("--help")
+
+
+def test_warnings_print_as_one_line_and_the_format_is_restored(monkeypatch):
+    import warnings
+
+    before = warnings.formatwarning
+    assert cli._one_line_warning("cut 3 texts\n  to 192 tokens", UserWarning, "x.py", 1) == (
+        "warning: cut 3 texts to 192 tokens\n")
+    seen = []
+    monkeypatch.setattr(cli, "cmd_download", lambda args: seen.append(warnings.formatwarning) or 0)
+    assert main(["download", "--list"]) == 0
+    assert seen == [cli._one_line_warning] and warnings.formatwarning is before
+
+
+@pytest.mark.parametrize("place", ["a_file", "a_project"])
+def test_out_that_is_a_file_or_another_folder_is_refused_before_anything_loads(tiny_checkpoint, tmp_path,
+                                                                               monkeypatch, capsys, place):
+    import helpers.pipeline
+
+    monkeypatch.setattr(helpers.pipeline, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    (tmp_path / "a_file").write_text("keep me")
+    (tmp_path / "a_project").mkdir()
+    (tmp_path / "a_project" / "pyproject.toml").write_text("keep me")
+    before = snapshot(tmp_path)
+    assert main(train_args(tiny_checkpoint, tmp_path / place)) == 2
+    assert error_line(capsys).startswith(f"error: --out {tmp_path / place}: ")
+    assert main(["compare", "--model", str(tiny_checkpoint), "--methods", "lora", "--out", str(tmp_path / "a_file")]) \
+        == 2
+    assert "is a file, not a folder" in error_line(capsys)
+    assert main(["evaluate", "--model", str(tiny_checkpoint), "--out", str(tmp_path / "a_file")]) == 2
+    assert "is a file, not a folder" in error_line(capsys)
+    assert snapshot(tmp_path) == before
+
+
+def test_compare_into_a_run_folder_and_evaluate_over_an_earlier_evaluation_are_refused(trained, tiny_checkpoint,
+                                                                                       tmp_path, capsys):
+    before = snapshot(trained)
+    capsys.readouterr()
+    assert main(["compare", "--model", str(tiny_checkpoint), "--methods", "lora", "--out", str(trained)]) == 2
+    assert "is the run folder of one method" in error_line(capsys)
+    earlier = tmp_path / "eval"
+    earlier.mkdir()
+    (earlier / "metrics.json").write_text('{"f1": 0.5}')
+    for argv in (["--run", str(trained)], ["--model", str(tiny_checkpoint)]):
+        assert main(["evaluate", *argv, "--out", str(earlier)]) == 2
+        assert "already holds an earlier evaluation (metrics.json)" in error_line(capsys)
+    assert (earlier / "metrics.json").read_text() == '{"f1": 0.5}' and snapshot(trained) == before
+
+
+def test_another_method_or_eval_limit_on_a_run_names_only_that_and_the_way_out(trained, tiny_checkpoint, capsys):
+    capsys.readouterr()
+    args = train_args(tiny_checkpoint, trained)
+    args[args.index("lora")] = "freeze"
+    args = [a for i, a in enumerate(args) if a != "--r" and (i == 0 or args[i - 1] != "--r")]
+    assert main(args) == 2
+    assert error_line(capsys) == (f"error: {trained}: exists with method=lora, this command asks method=freeze; "
+                                  "use --fresh to start over or another --out")
+    assert main(train_args(tiny_checkpoint, trained, "--eval-limit", "3")) == 2
+    assert error_line(capsys).endswith(f"or evaluate it with these settings: python -m helpers evaluate --run "
+                                       f"{trained} --eval-limit 3")
+
+
+@pytest.mark.parametrize("extra, named", [
+    (["--seq", "-100000"], "--seq must be a whole number of tokens between 1 and 2048"),
+    (["--seq", "0"], "--seq must be"),
+    (["--seq", "1000000"], "--seq must be"),
+    (["--bs", "0"], "--bs must be at least 1"),
+    (["--gpu-memory", "-5"], "--gpu-memory"),
+    (["--gpu-memory", "nan"], "--gpu-memory"),
+])
+def test_estimate_refuses_sizes_that_cannot_be(capsys, extra, named):
+    assert main(["estimate", "--method", "lora", *extra]) == 2
+    assert named in error_line(capsys)
 
 
 def test_debug_shows_the_traceback(tmp_path, capsys):
@@ -199,3 +279,19 @@ def test_download_lists_the_registry(capsys):
     assert main(["download", "--list"]) == 0
     out = capsys.readouterr().out
     assert "spo" in out and "d2q" in out and "tnews" in out
+
+
+def test_a_run_whose_base_model_moved_names_it_and_takes_model(trained, tiny_checkpoint, tmp_path, capsys):
+    copy = tmp_path / "copied"
+    shutil.copytree(trained, copy)
+    gone = str(tmp_path / "moved-away")
+    record = RunRecord.load(copy)
+    record.update(model=gone, recipe={**record.recipe, "model": gone})
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(copy), "--eval-limit", "1"]) == 2
+    assert error_line(capsys) == (f"error: {copy / 'run.json'}: the run's base model {gone} is not there any more (no "
+                                  f"such folder); put it back, or say where it is now: python -m helpers evaluate "
+                                  f"--run {copy} --model <folder> (API: load_finetuned(run, model=...))")
+    assert main(["evaluate", "--run", str(copy), "--model", str(tiny_checkpoint), "--eval-limit", "1",
+                 "--max-new-tokens", "2"]) == 0
+    assert json.loads(next(copy.glob("eval-*/metrics.json")).read_text())["n"] == 1

@@ -97,6 +97,26 @@ def test_bad_values_are_refused_naming_the_option(tiny_checkpoint, no_weights, o
         resolve_recipe(str(tiny_checkpoint), "lora", "ie", **{"device": "cpu", **overrides})
 
 
+def test_lengths_must_fit_the_models_max_sequence_length(tiny_checkpoint, no_weights):
+    longest = json.loads((tiny_checkpoint / "config.json").read_text())["max_sequence_length"]
+    with pytest.raises(UserError, match=rf"--max-source-length\) {longest} \+ max_target_length "
+                                        rf"\(--max-target-length\) 1 = {longest + 1} tokens, more than the model's "
+                                        rf"max_sequence_length {longest}"):
+        resolve_recipe(str(tiny_checkpoint), "lora", "ie", device="cpu",
+                       lengths={"max_source_length": longest, "max_target_length": 1})
+    with pytest.raises(UserError, match=r"--max-new-tokens\) 100000"):
+        resolve_recipe(str(tiny_checkpoint), None, "ie", device="cpu", lengths={"max_new_tokens": 100000})
+    fits = resolve_recipe(str(tiny_checkpoint), "lora", "ie", device="cpu",
+                          lengths={"max_source_length": longest - 8, "max_target_length": 8})
+    assert fits.lengths.max_source_length + fits.lengths.max_target_length == longest
+
+
+@pytest.mark.parametrize("memory", [0, -5, float("nan"), float("inf"), "16"])
+def test_gpu_memory_for_planning_must_be_a_size(no_weights, memory):
+    with pytest.raises(UserError, match=r"gpu_memory_gib \(--gpu-memory\) must be a GPU's memory in GiB"):
+        resolve_recipe(REAL, "lora", "ie", device="cpu", gpu_memory_gib=memory, check_data=False)
+
+
 def test_unknown_method_task_and_model_are_refused(tiny_checkpoint, tmp_path, no_weights):
     with pytest.raises(UserError, match="unknown method 'bitfit'"):
         resolve_recipe(str(tiny_checkpoint), "bitfit", "ie", device="cpu")
