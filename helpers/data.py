@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+import urllib.error
 import urllib.request
 import warnings
 from collections.abc import Iterator, Sequence
@@ -528,7 +529,9 @@ def download(name: str, folder: str | os.PathLike | None = None, verify: bool = 
     entries = registry()
     if name not in entries:
         raise UserError(f"unknown dataset {name!r}; known: {', '.join(entries)}")
-    target = Path(folder) if folder else dataset_cache_dir() / name
+    target = Path(folder).expanduser() if folder else dataset_cache_dir() / name
+    if target.exists() and not target.is_dir():
+        raise UserError(f"--dir {target}: is a file, not a folder; give a folder for the {name} files")
     target.mkdir(parents=True, exist_ok=True)
     paths = {}
     for split, spec in entries[name]["files"].items():
@@ -537,12 +540,17 @@ def download(name: str, folder: str | os.PathLike | None = None, verify: bool = 
             fd, tmp = tempfile.mkstemp(dir=target, prefix=".download-")
             os.close(fd)
             try:
-                with urllib.request.urlopen(spec["url"], timeout=60) as response, open(tmp, "wb") as out:
-                    total = int(response.headers.get("Content-Length") or 0) or None
-                    with tqdm(total=total, unit="B", unit_scale=True, desc=f"{name}/{spec['filename']}") as bar:
-                        while block := response.read(1 << 16):
-                            out.write(block)
-                            bar.update(len(block))
+                try:
+                    with urllib.request.urlopen(spec["url"], timeout=60) as response, open(tmp, "wb") as out:
+                        total = int(response.headers.get("Content-Length") or 0) or None
+                        with tqdm(total=total, unit="B", unit_scale=True, desc=f"{name}/{spec['filename']}") as bar:
+                            while block := response.read(1 << 16):
+                                out.write(block)
+                                bar.update(len(block))
+                except (urllib.error.URLError, TimeoutError, ConnectionError) as error:
+                    reason = getattr(error, "reason", None) or error
+                    raise UserError(f"{spec['url']}: download failed ({reason}); check the internet connection and "
+                                    f"run it again, or save the file by hand as {path}") from error
                 if verify:
                     _verify(Path(tmp), spec, name, spec["url"])
                 shutil.move(tmp, path)

@@ -194,6 +194,20 @@ def test_download_verifies_and_never_leaves_partial_files(tmp_path, monkeypatch)
         data.download("nope")
 
 
+def test_download_names_an_unreachable_source_and_a_dir_that_is_a_file(tmp_path, monkeypatch):
+    missing = (tmp_path / "nowhere.jsonl").as_uri()  # urlopen raises URLError, as for no network
+    entry = {"task": "gen", "files": {"train": {"url": missing, "filename": "t.jsonl", "rows": 1}}}
+    monkeypatch.setattr(data, "registry", lambda: {"toy": entry})
+    with pytest.raises(UserError, match=rf"^{missing}: download failed \(.*\); check the internet connection and run "
+                                        rf"it again, or save the file by hand as .*t.jsonl$"):
+        data.download("toy", tmp_path / "out")
+    assert list((tmp_path / "out").iterdir()) == []  # no half-written file
+    (tmp_path / "a_file").write_text("keep me")
+    with pytest.raises(UserError, match=r"^--dir .*a_file: is a file, not a folder"):
+        data.download("toy", tmp_path / "a_file")
+    assert (tmp_path / "a_file").read_text() == "keep me"
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Every layout for every task; BOM; odd files
 # ----------------------------------------------------------------------------------------------------------
