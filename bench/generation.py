@@ -1,4 +1,5 @@
-"""Batched, KV-cached generation against answering prompts one by one (``python -m bench eval``)."""
+"""Batched, KV-cached generation against one by one (``python -m bench eval``); one generate's peak memory
+(``python -m bench generate``)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 
 from helpers.data import left_pad
 
-from .common import random_model, synchronize
+from .common import current_rss, gib, peak_memory, random_model, reset_peak, synchronize
 
 
 def bench_eval(size: str, prompts: int, new_tokens: int, batch: int, device: str, dtype: torch.dtype) -> dict:
@@ -53,3 +54,64 @@ def format_eval(result: dict) -> str:
             f"{result['one_by_one_s']:.2f} s ({result['tokens_per_s_one_by_one']:.0f} tok/s), batched (bs "
             f"{result['batch']}) {result['batched_s']:.2f} s ({result['tokens_per_s_batched']:.0f} tok/s): "
             f"{result['speedup']:.1f}x")
+
+
+def bench_generate(size: str, prompt: int, new_tokens: int, batch: int, device: str, dtype: torch.dtype) -> dict:
+    """Peak memory and time of one greedy ``generate`` of ``new_tokens`` after a ``prompt``-token context."""
+    baseline = current_rss()
+    model = random_model(size, device, dtype)
+    config = model.config
+    generator = torch.Generator().manual_seed(0)
+    high = 30000 if config.vocab_size > 30000 else config.vocab_size - 600
+    ids = torch.randint(10, high, (batch, prompt - 2), generator=generator)
+    ids = torch.cat((ids, torch.tensor([[config.gmask_token_id, config.bos_token_id]]).expand(batch, -1)), dim=1)
+    ready = current_rss()
+    reset_peak(device)
+    synchronize(device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(input_ids=ids.to(device), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             do_sample=False, pad_token_id=config.pad_token_id)
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    peak, kind = peak_memory(device)
+    return {"size": size, "prompt": prompt, "new_tokens": new_tokens, "batch": batch, "seconds": seconds,
+            "tokens_per_s": batch * new_tokens / seconds, "generated": out.shape[1] - prompt, "peak_bytes": peak,
+            "peak_kind": kind, "baseline_rss": baseline if not device.startswith("cuda") else 0,
+            "ready_rss": ready if not device.startswith("cuda") else 0}
+
+
+def format_generate(result: dict) -> str:
+    above = f" = {gib(result['peak_bytes'] - result['baseline_rss'])} above start" if result["baseline_rss"] else ""
+    return (f"{result['size']:5s} generate bs {result['batch']} x ({result['prompt']} + {result['new_tokens']} "
+            f"tokens): {result['seconds']:.2f} s ({result['tokens_per_s']:.2f} tok/s), peak "
+            f"{gib(result['peak_bytes'])} ({result['peak_kind']}){above}")
+
+
+def bench_decode(size: str, batch: int, prompt: int, new_tokens: int, device: str, dtype: torch.dtype) -> dict:
+    """Decoding tokens/s of ``batch`` sequences: (time of ``new_tokens`` - time of 1) over ``new_tokens - 1`` steps,
+    so the prompt's forward pass is not counted."""
+    if new_tokens < 2:
+        raise ValueError(f"decoding needs at least 2 new tokens to time a step, got {new_tokens}")
+    model = random_model(size, device, dtype)
+    config = model.config
+    generator = torch.Generator().manual_seed(0)
+    high = 30000 if config.vocab_size > 30000 else config.vocab_size - 600
+    ids = torch.randint(10, high, (batch, prompt - 2), generator=generator)
+    ids = torch.cat((ids, torch.tensor([[config.gmask_token_id, config.bos_token_id]]).expand(batch, -1)), dim=1)
+    ids = ids.to(device)
+
+    def run(count: int) -> float:
+        synchronize(device)
+        start = time.perf_counter()
+        with torch.no_grad():
+            model.generate(input_ids=ids, max_new_tokens=count, min_new_tokens=count, do_sample=False,
+                           pad_token_id=config.pad_token_id)
+        synchronize(device)
+        return time.perf_counter() - start
+
+    run(2)  # warm-up (and kernel compilation)
+    first, full = run(1), run(new_tokens)
+    step = max(full - first, 1e-9) / (new_tokens - 1)
+    return {"size": size, "batch": batch, "prompt": prompt, "new_tokens": new_tokens, "prefill_s": first,
+            "decode_step_s": step, "decode_tokens_per_s": batch / step}

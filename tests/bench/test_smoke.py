@@ -55,3 +55,20 @@ def test_estimate_command_prints_a_fit_table(capsys):
     assert helpers_main(["estimate", "--method", "lora", "--bs", "4", "--seq", "512"]) == 0
     out = capsys.readouterr().out
     assert "total" in out and "fits on: T4-16G" in out and "3,670,016 trainable parameters" in out
+
+
+def test_train_entry_counts_flops_and_measures_the_cpu_roofline(capsys):
+    assert main(["--json", "train", "--model", "tiny", "--method", "freeze", "--layers", "1", "--dequantize",
+                 "--seq", "16", "--bs", "1", "--steps", "1", "--warmup", "0", "--device", "cpu", "--roofline"]) == 0
+    (result,) = records(capsys)
+    assert result["options"] == {"layers": 1, "dequantize": True}
+    assert result["forward_flops"] > 0 and result["backward_flops"] > 0
+    assert result["cpu_mfu"] == pytest.approx(result["flops_per_s"] / result["gemm_flops_per_s"])
+    assert result["peak_bytes"] >= result["ready_rss"] > 0 and result["baseline_rss"] > 0
+
+
+def test_generate_entry_reports_peak_memory(capsys):
+    assert main(["--json", "generate", "--model", "tiny", "--prompt", "8", "--new-tokens", "3", "--device",
+                 "cpu"]) == 0
+    (result,) = records(capsys)
+    assert result["generated"] == 3 and result["peak_bytes"] >= result["ready_rss"] > 0 and result["baseline_rss"] > 0
