@@ -1,34 +1,56 @@
-"""Predicted peak GPU memory of fine-tuning ChatGLM with each method (a planning aid, not a measurement).
+"""Predicted peak memory of fine-tuning (or generating with) ChatGLM: GPU or CPU (a planning aid, not a measurement).
 
-The estimate adds up what training holds at its peak:
+Training adds up what is held at its peak:
 
-* weights as loaded: packed INT4/INT8 matrices (1 byte per stored element) and fp16/bf16 for the rest, except
-  trainable tensors, which are kept in fp32;
-* gradients (fp32) and AdamW's two moments (fp32) of the trainable parameters;
+* weights as loaded: packed INT4/INT8 matrices (1 byte per stored element) and the compute dtype for the rest
+  (fp16/bf16 on GPU, fp32 on CPU), except trainable tensors, which are kept in fp32;
+* gradients (fp32) and AdamW's two moments (fp32) of the trainable parameters; when the trained tensor is the
+  tied embedding, the output layer and the lookup each produce a dense gradient of the whole matrix and autograd
+  adds them out of place, so three such matrices exist at the end of the backward pass (measured on CPU);
 * activations saved for the backward pass, per token and per layer that the gradient has to pass through
   (LayerNorm inputs, attention q/k/v/output, the GELU input; LoRA adds its input and dropout mask), or only each
   layer's input with gradient checkpointing (plus one layer being recomputed);
-* the loss: logits of the labelled tokens in the compute dtype and in fp32, and the fp32 softmax kept for
-  the backward pass;
-* a fixed allowance for the CUDA context and allocator slack.
+* the loss: logits of the labelled tokens in the compute dtype (and an fp32 copy unless that is already fp32),
+  the fp32 log-softmax kept for the backward pass, and the gradient of the logits;
+* the unpack: a quantized layer dequantizes its whole matrix for each product (forward and input gradient), so
+  one floating copy of the largest matrix exists at a time (bf16 is formed in fp32 first, then rounded);
+* on GPU a fixed allowance for the CUDA context and allocator slack. On CPU, the heap growth glibc's allocator
+  adds during the forward pass: freed unpack temporaries of the smaller matrices (below its mmap threshold, so
+  taken from the heap) are reused only in part once saved activations sit between them. Measured on the
+  full-size model (``python -m bench fullsize``): 23-35 MiB per layer that keeps activations, independent of the
+  sequence length, i.e. about ``3 * hidden**2 / 2`` bytes (three int8 temporaries of the 4096 x 4096 matrix) per
+  such layer; one layer with gradient checkpointing. The process's own baseline (Python, torch, transformers) is
+  not counted: compare with peak RSS minus the RSS before the model is built.
+
+Generation (:func:`estimate_generation`) holds the weights, the KV cache (plus one layer's cache being copied as
+it grows), the largest activation of the prompt's forward pass, the logits and the unpack.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
-from .methods import apply_method
+from .errors import UserError
+from .methods import METHODS, apply_method
 from .models import meta_model
 
 GIB = 1 << 30
 CUDA_OVERHEAD = int(0.6 * GIB)  # context, cuBLAS workspace, allocator fragmentation
 GPUS = {"T4-16G": 15.0, "A100-40G": 39.5, "H100-80G": 79.0}  # usable GiB
+DEVICES = ("cuda", "cpu")
+
+
+def cpu_heap_per_layer(hidden: int) -> int:
+    """Resident heap growth per layer that keeps activations on CPU (measured; see the module docstring)."""
+    return 3 * hidden * hidden // 2
 
 
 @dataclass
 class MemoryEstimate:
+    """The parts of a predicted peak, in bytes; ``total`` is their sum."""
+
     method: str
     seq: int
     batch: int
@@ -38,25 +60,95 @@ class MemoryEstimate:
     optimizer: int
     activations: int
     loss: int
+    unpack: int = 0
     overhead: int = CUDA_OVERHEAD
+    device: str = "cuda"
+
+    def parts(self) -> dict[str, int]:
+        """Each part by name (what :meth:`table` prints and a notebook can plot)."""
+        return {"weights": self.weights, "gradients (fp32)": self.gradients, "AdamW states (fp32)": self.optimizer,
+                "activations": self.activations, "loss (logits, softmax)": self.loss,
+                "INT4 unpack (one matrix)": self.unpack, _overhead_name(self.device): self.overhead}
 
     @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer + self.activations + self.loss + self.overhead
+        return sum(self.parts().values())
 
     def fits(self) -> dict[str, bool]:
-        return {gpu: self.total <= usable * GIB for gpu, usable in GPUS.items()}
+        return _fits(self.total, self.device)
 
     def table(self) -> str:
-        rows = [("weights", self.weights), ("gradients (fp32)", self.gradients),
-                ("AdamW states (fp32)", self.optimizer), ("activations", self.activations),
-                ("loss (logits, softmax)", self.loss), ("CUDA context, slack", self.overhead),
-                ("total", self.total)]
-        lines = [f"{self.method}, batch {self.batch} x seq {self.seq}, {self.trainable_params:,} trainable parameters",
-                 ""] + [f"  {name:<24s}{value / GIB:8.2f} GiB" for name, value in rows]
-        lines.append("")
-        lines.append("  fits on: " + ", ".join(f"{gpu} {'yes' if ok else 'no'}" for gpu, ok in self.fits().items()))
-        return "\n".join(lines)
+        head = f"{self.method}, batch {self.batch} x seq {self.seq}, {self.trainable_params:,} trainable parameters"
+        return _table(head, self.parts(), self.total, self.fits(), self.device)
+
+
+@dataclass
+class GenerationEstimate:
+    """The parts of the predicted peak of a greedy ``generate``, in bytes."""
+
+    prompt: int
+    new_tokens: int
+    batch: int
+    weights: int
+    cache: int
+    activations: int
+    logits: int
+    unpack: int
+    overhead: int
+    device: str = "cuda"
+    notes: list[str] = field(default_factory=list)
+
+    def parts(self) -> dict[str, int]:
+        return {"weights": self.weights, "KV cache": self.cache, "activations (prompt)": self.activations,
+                "logits": self.logits, "INT4 unpack (one matrix)": self.unpack,
+                _overhead_name(self.device): self.overhead}
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts().values())
+
+    def fits(self) -> dict[str, bool]:
+        return _fits(self.total, self.device)
+
+    def table(self) -> str:
+        head = f"generate, batch {self.batch} x ({self.prompt} prompt + {self.new_tokens} new tokens)"
+        return _table(head, self.parts(), self.total, self.fits(), self.device)
+
+
+def _overhead_name(device: str) -> str:
+    return "CUDA context, slack" if device == "cuda" else "allocator (heap growth)"
+
+
+def _fits(total: int, device: str) -> dict[str, bool]:
+    if device == "cuda":
+        return {gpu: total <= usable * GIB for gpu, usable in GPUS.items()}
+    import os
+
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return {f"this machine's RAM ({ram / GIB:.1f} GiB)": total <= ram}
+
+
+def _table(head: str, parts: dict[str, int], total: int, fits: dict[str, bool], device: str) -> str:
+    lines = [head + ("" if device == "cuda" else " (CPU, fp32)"), ""]
+    lines += [f"  {name:<26s}{value / GIB:8.2f} GiB" for name, value in {**parts, "total": total}.items()]
+    lines += ["", "  fits on: " + ", ".join(f"{name} {'yes' if ok else 'no'}" for name, ok in fits.items())]
+    return "\n".join(lines)
+
+
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(f"{name} must be a whole number >= 1, got {value!r}")
+    return value
+
+
+def _check_common(device: str, compute_bytes: int | None) -> int:
+    if device not in DEVICES:
+        raise UserError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+    if compute_bytes is None:
+        return 2 if device == "cuda" else 4
+    if compute_bytes not in (2, 4):
+        raise UserError(f"compute_bytes must be 2 (fp16/bf16) or 4 (fp32), got {compute_bytes!r}")
+    return compute_bytes
 
 
 def _weight_bytes(model: nn.Module, compute_bytes: int) -> int:
@@ -69,6 +161,15 @@ def _weight_bytes(model: nn.Module, compute_bytes: int) -> int:
         else:
             total += param.numel() * param.element_size()
     return total
+
+
+def _unpack_bytes(model: nn.Module, compute_bytes: int) -> int:
+    """One dequantized copy of the largest quantized matrix (fp16 or fp32; bf16 as fp32 and then bf16)."""
+    from chatglm.quantization import QuantizedLinear
+
+    largest = max((m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantizedLinear)),
+                  default=0)
+    return largest * (compute_bytes if compute_bytes == 4 else 4 + compute_bytes)
 
 
 def _layers_with_gradient(model: nn.Module, method: str, options: dict) -> int:
@@ -84,16 +185,31 @@ def estimate(
     seq: int = 512,
     batch: int = 4,
     gradient_checkpointing: bool = False,
-    compute_bytes: int = 2,
+    compute_bytes: int | None = None,
     label_fraction: float = 0.5,
+    device: str = "cuda",
     **method_options,
 ) -> MemoryEstimate:
     """Estimate peak training memory of ``method`` on the full-size model (built on ``meta``, nothing loaded).
 
-    ``label_fraction`` is the share of tokens that carry a label (the answer part of each row).
+    ``device="cpu"`` predicts the resident memory a CPU run adds to its process (fp32 compute, no CUDA context);
+    ``compute_bytes`` defaults to 2 (bf16/fp16) on GPU and 4 on CPU. ``label_fraction`` is the share of tokens
+    that carry a label (the answer part of each row). Bad values raise :class:`~helpers.errors.UserError`.
     """
+    seq, batch = _positive_int(seq, "seq"), _positive_int(batch, "batch")
+    compute_bytes = _check_common(device, compute_bytes)
+    if not 0 < label_fraction <= 1:
+        raise UserError(f"label_fraction must be in (0, 1], got {label_fraction!r}")
+    if method not in METHODS:
+        raise UserError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    for name in ("pre_seq_len", "r", "layers"):
+        if method_options.get(name) is not None:
+            _positive_int(method_options[name], name)
     model = meta_model(model_name)
-    setup = apply_method(model, method, **method_options)
+    try:
+        setup = apply_method(model, method, **method_options)
+    except (TypeError, ValueError) as error:
+        raise UserError(f"{method} options {method_options}: {error}") from None
     config = model.config
     h, inner, vocab = config.hidden_size, config.inner_hidden_size, config.vocab_size
     tokens = seq * batch
@@ -111,8 +227,50 @@ def estimate(
     if prefix:
         saved += batch * prefix * 2 * config.num_layers * h * (compute_bytes + 4)  # prefix keys/values, fp32 copy
     labelled = int(tokens * label_fraction)
-    loss = labelled * vocab * (compute_bytes + 4 + 4)
+    loss = labelled * vocab * (compute_bytes + (0 if compute_bytes == 4 else 4) + 4 + 4)
+    gradients = 4 * trainable
+    if method == "embedding":
+        # The tied matrix gets two dense gradients (output layer, lookup) and autograd adds them out of place:
+        # three matrices at the end of the backward pass, one of which stays as .grad.
+        gradients += 2 * 4 * vocab * h
+    if device == "cuda":
+        overhead = CUDA_OVERHEAD
+    else:
+        overhead = cpu_heap_per_layer(h) * (1 if gradient_checkpointing else layers)
     return MemoryEstimate(
         method=method, seq=seq, batch=batch, weights=_weight_bytes(setup.model, compute_bytes),
-        trainable_params=trainable, gradients=4 * trainable, optimizer=8 * trainable, activations=saved, loss=loss,
+        trainable_params=trainable, gradients=gradients, optimizer=8 * trainable, activations=saved, loss=loss,
+        unpack=_unpack_bytes(setup.model, compute_bytes), overhead=overhead, device=device,
+    )
+
+
+def estimate_generation(
+    model_name: str = "THUDM/chatglm-6b-int4",
+    prompt: int = 32,
+    new_tokens: int = 4,
+    batch: int = 1,
+    device: str = "cuda",
+    compute_bytes: int | None = None,
+) -> GenerationEstimate:
+    """Estimate the peak memory of a greedy, KV-cached ``generate`` (logits of the last position only)."""
+    prompt, new_tokens, batch = (_positive_int(prompt, "prompt"), _positive_int(new_tokens, "new_tokens"),
+                                 _positive_int(batch, "batch"))
+    compute_bytes = _check_common(device, compute_bytes)
+    model = meta_model(model_name)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    config = model.config
+    h, inner, vocab, layers = config.hidden_size, config.inner_hidden_size, config.vocab_size, config.num_layers
+    length = prompt + new_tokens
+    cache = 2 * layers * batch * length * h * compute_bytes
+    cache += 2 * batch * length * h * compute_bytes  # one layer's keys and values copied as they grow
+    tokens = batch * prompt
+    # The prompt's forward: the residual stream, the GELU input and output, and the attention scores.
+    activations = tokens * (2 * h + 2 * inner) * compute_bytes
+    activations += batch * config.num_attention_heads * prompt * prompt * 4
+    logits = batch * vocab * (compute_bytes + 4) * 2  # the last position's logits, fp32 scores and their processing
+    return GenerationEstimate(
+        prompt=prompt, new_tokens=new_tokens, batch=batch, weights=_weight_bytes(model, compute_bytes), cache=cache,
+        activations=activations, logits=logits, unpack=_unpack_bytes(model, compute_bytes),
+        overhead=CUDA_OVERHEAD if device == "cuda" else 0, device=device,
     )
