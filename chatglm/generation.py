@@ -94,6 +94,8 @@ class ChatGLMGenerationMixin(GenerationMixin):
     ) -> dict:
         cached = cache is not None and cache.get_seq_length() > 0
         inputs = {"cache": cache, "use_cache": kwargs.get("use_cache", True)}
+        if kwargs.get("logits_to_keep"):
+            inputs["logits_to_keep"] = kwargs["logits_to_keep"]  # the last position only: no prompt-wide logits
         if not cached:
             if inputs_embeds is not None and is_first_iteration:
                 inputs["inputs_embeds"] = inputs_embeds

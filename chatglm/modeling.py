@@ -512,8 +512,11 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, ChatGLMGenerationM
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         past_key_values: Cache | None = None,
+        logits_to_keep: int = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast | tuple:
+        """``logits_to_keep=N`` > 0 (without ``labels``) projects only the last N positions: ``generate`` passes 1,
+        so the prompt's forward pass never holds [batch, prompt, vocab] logits."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         out = self.transformer(
             input_ids=input_ids,
@@ -533,7 +536,8 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, ChatGLMGenerationM
             # skips most of the 130k-way output layer and never holds logits for the prompt.
             loss = self._labelled_loss(hidden_states, labels)
         else:
-            logits = self.lm_head(hidden_states)
+            keep = logits_to_keep if labels is None and logits_to_keep else 0
+            logits = self.lm_head(hidden_states[:, -keep:] if keep else hidden_states)
             if labels is not None:
                 labels = labels.to(logits.device)
                 loss = F.cross_entropy(
