@@ -233,7 +233,8 @@ def cmd_estimate(args) -> int:
             raise UserError(f"--seq must be a whole number of tokens between 1 and {longest} (the model's "
                             f"max_sequence_length), got {seq}")
     result = estimate(recipe.model, recipe.method, seq=seq, batch=recipe.training.batch_size,
-                      gradient_checkpointing=recipe.training.gradient_checkpointing, **recipe.method_options)
+                      gradient_checkpointing=recipe.training.gradient_checkpointing, device=args.device,
+                      **recipe.method_options)
     print(result.table())
     return 0
 
@@ -297,7 +298,8 @@ def add_params(commands) -> None:
 
 
 def add_estimate(commands) -> None:
-    estimate = commands.add_parser("estimate", help="predicted peak GPU memory of a method at full size (offline)")
+    estimate = commands.add_parser("estimate", help="predicted peak memory (GPU or CPU) of a method at full size "
+                                                    "(offline)")
     estimate.add_argument("--model", default="THUDM/chatglm-6b-int4")
     estimate.add_argument("--method", required=True, choices=METHODS)
     estimate.add_argument("--task", default="ie", choices=sorted(TASKS), help="gives the default --seq")
@@ -306,6 +308,8 @@ def add_estimate(commands) -> None:
     estimate.add_argument("--gpu-memory", type=float, help="size the batch as training would for a GPU of this "
                                                            "many GiB (e.g. 15 for a T4)")
     estimate.add_argument("--gradient-checkpointing", action="store_true")
+    estimate.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                          help="cuda: GPU memory (fp16 compute, CUDA context); cpu: process memory (fp32 compute)")
     _add_method_options(estimate)
     estimate.set_defaults(func=cmd_estimate)
 

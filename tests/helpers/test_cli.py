@@ -295,3 +295,12 @@ def test_a_run_whose_base_model_moved_names_it_and_takes_model(trained, tiny_che
     assert main(["evaluate", "--run", str(copy), "--model", str(tiny_checkpoint), "--eval-limit", "1",
                  "--max-new-tokens", "2"]) == 0
     assert json.loads(next(copy.glob("eval-*/metrics.json")).read_text())["n"] == 1
+
+
+def test_estimate_on_cpu_counts_process_memory(capsys):
+    assert main(["estimate", "--method", "lora", "--seq", "64", "--bs", "1", "--device", "cpu"]) == 0
+    cpu = capsys.readouterr().out
+    assert main(["estimate", "--method", "lora", "--seq", "64", "--bs", "1"]) == 0
+    gpu = capsys.readouterr().out
+    assert "(CPU, fp32)" in cpu and "INT4 unpack" in cpu and "CUDA context" not in cpu
+    assert "CUDA context" in gpu and "(CPU, fp32)" not in gpu
