@@ -323,7 +323,22 @@ def add_download(commands) -> None:
     download.set_defaults(func=cmd_download)
 
 
-COMMANDS = [add_compare, add_train, add_evaluate, add_params, add_estimate, add_download]
+def cmd_build_tiny(args) -> int:
+    from .tiny import build_from_options
+
+    build_from_options(args)
+    return 0
+
+
+def add_build_tiny(commands) -> None:
+    from .tiny import BUILD_DESCRIPTION, parser
+
+    build = commands.add_parser("build-tiny", parents=[parser(add_help=False)], help="pretrain the embedded tiny "
+                                "model (the committed one is data/tiny)", description=BUILD_DESCRIPTION)
+    build.set_defaults(func=cmd_build_tiny)
+
+
+COMMANDS = [add_compare, add_train, add_evaluate, add_params, add_estimate, add_download, add_build_tiny]
 
 
 class OneLineParser(argparse.ArgumentParser):

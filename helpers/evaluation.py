@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from . import data
 from .data import IGNORE_INDEX, Example, Task
+from .errors import UserError
 from .files import write_json, write_text
 from .methods import mixed_precision
 
@@ -463,7 +464,8 @@ def evaluate(
     task = _task(task)
     examples = list(examples[:limit] if limit else examples)
     if not examples:
-        raise ValueError("no examples to evaluate")
+        raise UserError("no examples to evaluate: examples is empty; give at least one (helpers.load_split(task, "
+                        "'test'))")
     if max_new_tokens is None:
         train_examples = data.load_split(task.name, "train") if train_examples is None else train_examples
         max_new_tokens = answer_token_budget(tokenizer, train_examples, cap=task.max_target_length)

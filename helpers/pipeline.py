@@ -66,7 +66,7 @@ def _evaluate(model, tokenizer, recipe: Recipe, out_dir: Path) -> dict:
     """Metrics of ``model`` on the recipe's test split; predictions go to ``out_dir/predictions.jsonl``."""
     examples = load_split(recipe.task, "test", recipe.test_file, limit=recipe.eval_limit)
     return evaluate(model, tokenizer, recipe.task_spec(), examples, out_dir=out_dir, save_metrics=False,
-                    **recipe.evaluation_options())
+                    train_examples=load_split(recipe.task, "train", recipe.train_file), **recipe.evaluation_options())
 
 
 def _release(*objects) -> None:
@@ -179,7 +179,9 @@ def reevaluate_run(record: RunRecord, recipe: Recipe | None = None, out_dir: str
     model, tokenizer = load_finetuned(record.folder, device=recipe.device, dtype=recipe.dtype, model=recipe.model)
     target.mkdir(parents=True, exist_ok=True)
     examples = load_split(recipe.task, "test", recipe.test_file, limit=recipe.eval_limit)
-    metrics = evaluate(model, tokenizer, recipe.task_spec(), examples, out_dir=target, **recipe.evaluation_options())
+    train_examples = load_split(recipe.task, "train", recipe.train_file)
+    metrics = evaluate(model, tokenizer, recipe.task_spec(), examples, out_dir=target, train_examples=train_examples,
+                       **recipe.evaluation_options())
     write_json(target / "evaluation.json", {"run": str(record.folder.resolve()), "test_file": recipe.test_file,
                                             "eval_limit": recipe.eval_limit, **recipe.evaluation_options()})
     print(f"Evaluated {record.folder} again into {target}/ (its training results are unchanged).")

@@ -26,8 +26,10 @@ from .methods import METHODS, resolve_method_options
 GIB = 1 << 30
 
 # Learning rates per method: small parameter sets (LayerNorms, prefixes) take larger steps. The tiny model's were
-# chosen on its comparison; the real model's are starting points in the range the original course used.
-LEARNING_RATES = {"freeze": 3e-2, "freeze_dequantized": 2e-3, "embedding": 2e-3, "ptuning_v2": 1e-2, "lora": 5e-3}
+# chosen on a validation split carved from the IE training file (a fifth of its texts, seed 0; never the test file):
+# for each method lr/3, lr and 3*lr at 150 steps, the best char F1 kept (exact-triple F1 was ~0 for all). The real
+# model's are starting points in the range the original course used.
+LEARNING_RATES = {"freeze": 1e-1, "freeze_dequantized": 2e-3, "embedding": 6e-3, "ptuning_v2": 1e-2, "lora": 5e-3}
 REAL_LEARNING_RATES = {"freeze": 1e-3, "freeze_dequantized": 1e-4, "embedding": 1e-4, "ptuning_v2": 2e-2,
                        "lora": 2e-4}
 # Training and evaluation sizes for the embedded tiny model on a CPU (the whole comparison in minutes).

@@ -304,3 +304,12 @@ def test_estimate_on_cpu_counts_process_memory(capsys):
     gpu = capsys.readouterr().out
     assert "(CPU, fp32)" in cpu and "INT4 unpack" in cpu and "CUDA context" not in cpu
     assert "CUDA context" in gpu and "(CPU, fp32)" not in gpu
+
+
+def test_build_tiny_never_replaces_a_folder_that_is_no_tiny_model(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine", encoding="utf-8")
+    assert main(["build-tiny", "--out", str(tmp_path), "--force"]) == 2
+    assert "not a tiny model" in error_line(capsys)
+    assert (tmp_path / "notes.txt").read_text(encoding="utf-8") == "mine"
+    assert main(["build-tiny", "--steps", "0", "--out", str(tmp_path / "new")]) == 2
+    assert "--steps" in error_line(capsys) and not (tmp_path / "new").exists()
