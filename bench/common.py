@@ -12,6 +12,7 @@ from torch import nn
 
 from chatglm import ChatGLMConfig, ChatGLMForConditionalGeneration, known_config
 from chatglm.quantization import QuantizedLinear
+from helpers.training import current_rss  # noqa: F401  (re-exported for the bench modules)
 
 # A small ChatGLM for CPU figures: the 6B architecture with fewer, narrower layers and a 32k vocabulary.
 SMALL = dict(vocab_size=32000, hidden_size=512, num_layers=4, num_attention_heads=8, inner_hidden_size=2048,
@@ -129,15 +130,6 @@ def peak_memory(device: str) -> tuple[int, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak RSS"
 
 
-def current_rss() -> int:
-    """Resident bytes of this process now (0 where ``/proc`` is missing)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def gpu_peak_flops(device: str) -> float | None:

@@ -232,9 +232,8 @@ def _reset_peak_memory(device: torch.device) -> None:
         pass  # elsewhere the process-wide peak is reported
 
 
-def _current_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.memory_allocated(device)
+def current_rss() -> int:
+    """Resident bytes of this process now (0 where ``/proc`` is missing)."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
@@ -242,6 +241,10 @@ def _current_memory(device: torch.device) -> int:
     except OSError:
         pass
     return 0
+
+
+def _current_memory(device: torch.device) -> int:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else current_rss()
 
 
 def _peak_memory(device: torch.device) -> tuple[int, str]:
