@@ -28,7 +28,9 @@ it grows), the largest activation of the prompt's forward pass, the logits and t
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
@@ -274,3 +276,59 @@ def estimate_generation(
         activations=activations, logits=logits, unpack=_unpack_bytes(model, compute_bytes),
         overhead=CUDA_OVERHEAD if device == "cuda" else 0, device=device,
     )
+
+
+# The notebooks' view: a method's parameter line and memory at full size, for the GPUs a learner has.
+NOTEBOOK_GPUS = {name: GPUS[name] for name in ("T4-16G", "A100-40G")}  # usable GiB
+PEAK_SETTINGS = {"seq": 512, "batch": 1, "gradient_checkpointing": True}  # the smallest training setup (a T4)
+
+
+@dataclasses.dataclass
+class FullSize:
+    """A method applied to the full-size model: parameter counts and memory, from :func:`estimate`.
+
+    ``weights_bytes`` and ``states_bytes`` (fp32 gradients and AdamW's two moments) are the parts before
+    activations; ``peak_bytes`` is the whole estimated peak with activations for :data:`PEAK_SETTINGS`, so both
+    figures come from this one memory model (the one ``python -m helpers estimate`` prints).
+    """
+
+    method: str
+    model: str
+    options: dict
+    line: str
+    trainable: int
+    weights_bytes: int
+    states_bytes: int
+    peak_bytes: int
+
+    @property
+    def total_gib(self) -> float:
+        """Weights, gradients and optimizer states (before activations), GiB."""
+        return (self.weights_bytes + self.states_bytes) / GIB
+
+    @property
+    def peak_gib(self) -> float:
+        return self.peak_bytes / GIB
+
+    def fits(self) -> dict[str, bool]:
+        """Whether the estimated peak (batch 1, gradient checkpointing) fits each GPU."""
+        return {gpu: self.peak_gib <= usable for gpu, usable in NOTEBOOK_GPUS.items()}
+
+    def __str__(self) -> str:
+        options = ", ".join(f"{k}={v}" for k, v in self.options.items())
+        fits = ", ".join(f"{gpu}: {'yes' if ok else 'no'}" for gpu, ok in self.fits().items())
+        setting = f"batch {PEAK_SETTINGS['batch']}, {PEAK_SETTINGS['seq']} tokens, gradient checkpointing"
+        return (f"{self.model} + {self.method}({options})\n{self.line}\n"
+                f"weights {self.weights_bytes / GIB:.1f} GiB + gradients and AdamW states "
+                f"{self.states_bytes / GIB:.1f} GiB = {self.total_gib:.1f} GiB before activations; "
+                f"estimated peak {self.peak_gib:.1f} GiB ({setting})\nfits: {fits}")
+
+    __repr__ = __str__
+
+
+def full_size_line(method: str, model: str = "THUDM/chatglm-6b-int4", **options: Any) -> FullSize:
+    """Apply ``method`` to the full-size model on the ``meta`` device (nothing is downloaded or allocated)."""
+    setup = apply_method(meta_model(model), method, **options)
+    memory = estimate(model, method, **PEAK_SETTINGS, **options)
+    return FullSize(method, model, dict(setup.options), str(setup), setup.trainable_params, memory.weights,
+                    memory.gradients + memory.optimizer, memory.total)

@@ -29,9 +29,7 @@ from .display import (  # noqa: F401  (re-exported for the notebooks)
     show_runs,
     tensorboard_hint,
 )
-from .estimate import GPUS
-from .methods import apply_method
-from .models import meta_model
+from .estimate import GPUS, NOTEBOOK_GPUS, PEAK_SETTINGS, FullSize, full_size_line  # noqa: F401  (re-exported)
 from .plotting import comparison_markdown, comparison_rows, plot_comparison
 from .run_policy import (  # noqa: F401  (re-exported for the notebooks)
     find_runs,
@@ -61,7 +59,8 @@ from .runtime import (  # noqa: F401  (re-exported for the notebooks)
 )
 
 ENV_PREFIX = "COURSE_"
-GPUS_GIB = {name: GPUS[name] for name in ("T4-16G", "A100-40G")}  # usable GiB, from helpers.estimate
+GPUS_GIB = NOTEBOOK_GPUS  # usable GiB of the GPUs the notebooks size for (helpers.estimate)
+
 DRIVE_RUNS_DIR = "/content/drive/MyDrive/chatglm-course/runs"  # where DRIVE = True keeps the runs on Colab
 
 # ----------------------------------------------------------------------------------------------------------
@@ -125,61 +124,6 @@ def params_from_env(environ: Mapping[str, str] | None = None, **defaults: Any) -
 # ----------------------------------------------------------------------------------------------------------
 # Full-size numbers, computed offline on the meta device
 # ----------------------------------------------------------------------------------------------------------
-
-
-PEAK_SETTINGS = {"seq": 512, "batch": 1, "gradient_checkpointing": True}  # the smallest training setup (a T4)
-
-
-@dataclasses.dataclass
-class FullSize:
-    """A method applied to the full-size model: parameter counts and memory, from :func:`helpers.estimate.estimate`.
-
-    ``weights_bytes`` and ``states_bytes`` (fp32 gradients and AdamW's two moments) are the parts before
-    activations; ``peak_bytes`` is the whole estimated peak with activations for :data:`PEAK_SETTINGS`, so both
-    figures come from one memory model (the one ``python -m helpers estimate`` prints).
-    """
-
-    method: str
-    options: dict
-    line: str
-    trainable: int
-    weights_bytes: int
-    states_bytes: int
-    peak_bytes: int
-
-    @property
-    def total_gib(self) -> float:
-        """Weights, gradients and optimizer states (before activations), GiB."""
-        return (self.weights_bytes + self.states_bytes) / GIB
-
-    @property
-    def peak_gib(self) -> float:
-        return self.peak_bytes / GIB
-
-    def fits(self) -> dict[str, bool]:
-        """Whether the estimated peak (batch 1, gradient checkpointing) fits each GPU."""
-        return {gpu: self.peak_gib <= usable for gpu, usable in GPUS_GIB.items()}
-
-    def __str__(self) -> str:
-        options = ", ".join(f"{k}={v}" for k, v in self.options.items())
-        fits = ", ".join(f"{gpu}: {'yes' if ok else 'no'}" for gpu, ok in self.fits().items())
-        setting = f"batch {PEAK_SETTINGS['batch']}, {PEAK_SETTINGS['seq']} tokens, gradient checkpointing"
-        return (f"{REAL_MODEL} + {self.method}({options})\n{self.line}\n"
-                f"weights {self.weights_bytes / GIB:.1f} GiB + gradients and AdamW states "
-                f"{self.states_bytes / GIB:.1f} GiB = {self.total_gib:.1f} GiB before activations; "
-                f"estimated peak {self.peak_gib:.1f} GiB ({setting})\nfits: {fits}")
-
-    __repr__ = __str__
-
-
-def full_size_line(method: str, model: str = REAL_MODEL, **options: Any) -> FullSize:
-    """Apply ``method`` to the full-size model on the ``meta`` device (nothing is downloaded or allocated)."""
-    from .estimate import estimate
-
-    setup = apply_method(meta_model(model), method, **options)
-    memory = estimate(model, method, **PEAK_SETTINGS, **options)
-    return FullSize(method, dict(setup.options), str(setup), setup.trainable_params, memory.weights,
-                    memory.gradients + memory.optimizer, memory.total)
 
 
 def full_size_table(variants: Sequence[tuple[str, dict]] | None = None) -> Table:

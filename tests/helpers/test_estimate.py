@@ -78,3 +78,12 @@ def test_bad_inputs_raise_a_one_line_user_error(kwargs, name):
 def test_bad_generation_inputs_raise_a_user_error():
     with pytest.raises(UserError, match="new_tokens"):
         estimate_generation(new_tokens=0)
+
+
+def test_the_notebooks_full_size_line_is_the_estimate():
+    from helpers.estimate import PEAK_SETTINGS, estimate, full_size_line
+
+    for method, options in [("ptuning_v2", {}), ("lora", {"r": 4})]:
+        line, memory = full_size_line(method, **options), estimate(method=method, **PEAK_SETTINGS, **options)
+        assert line.peak_bytes == memory.total
+        assert line.weights_bytes + line.states_bytes == memory.weights + memory.gradients + memory.optimizer
