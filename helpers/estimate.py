@@ -49,8 +49,30 @@ def cpu_heap_per_layer(hidden: int) -> int:
     return 3 * hidden * hidden // 2
 
 
+class _Estimate:
+    """What both estimates share: a ``parts()`` breakdown (bytes by name), its total, fits, and the printed table."""
+
+    device: str
+
+    def parts(self) -> dict[str, int]:
+        raise NotImplementedError
+
+    def head(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts().values())
+
+    def fits(self) -> dict[str, bool]:
+        return _fits(self.total, self.device)
+
+    def table(self) -> str:
+        return _table(self.head(), self.parts(), self.total, self.fits(), self.device)
+
+
 @dataclass
-class MemoryEstimate:
+class MemoryEstimate(_Estimate):
     """The parts of a predicted peak, in bytes; ``total`` is their sum."""
 
     method: str
@@ -72,20 +94,12 @@ class MemoryEstimate:
                 "activations": self.activations, "loss (logits, softmax)": self.loss,
                 "INT4 unpack (one matrix)": self.unpack, _overhead_name(self.device): self.overhead}
 
-    @property
-    def total(self) -> int:
-        return sum(self.parts().values())
-
-    def fits(self) -> dict[str, bool]:
-        return _fits(self.total, self.device)
-
-    def table(self) -> str:
-        head = f"{self.method}, batch {self.batch} x seq {self.seq}, {self.trainable_params:,} trainable parameters"
-        return _table(head, self.parts(), self.total, self.fits(), self.device)
+    def head(self) -> str:
+        return f"{self.method}, batch {self.batch} x seq {self.seq}, {self.trainable_params:,} trainable parameters"
 
 
 @dataclass
-class GenerationEstimate:
+class GenerationEstimate(_Estimate):
     """The parts of the predicted peak of a greedy ``generate``, in bytes."""
 
     prompt: int
@@ -105,16 +119,8 @@ class GenerationEstimate:
                 "logits": self.logits, "INT4 unpack (one matrix)": self.unpack,
                 _overhead_name(self.device): self.overhead}
 
-    @property
-    def total(self) -> int:
-        return sum(self.parts().values())
-
-    def fits(self) -> dict[str, bool]:
-        return _fits(self.total, self.device)
-
-    def table(self) -> str:
-        head = f"generate, batch {self.batch} x ({self.prompt} prompt + {self.new_tokens} new tokens)"
-        return _table(head, self.parts(), self.total, self.fits(), self.device)
+    def head(self) -> str:
+        return f"generate, batch {self.batch} x ({self.prompt} prompt + {self.new_tokens} new tokens)"
 
 
 def _overhead_name(device: str) -> str:
