@@ -56,15 +56,20 @@ def format_eval(result: dict) -> str:
             f"{result['speedup']:.1f}x")
 
 
+def prompt_ids(config, batch: int, prompt: int) -> torch.Tensor:
+    """``batch`` seeded random prompts of ``prompt`` tokens, ending ``[gMASK] <sop>`` as ChatGLM's prompts do."""
+    generator = torch.Generator().manual_seed(0)
+    high = 30000 if config.vocab_size > 30000 else config.vocab_size - 600
+    ids = torch.randint(10, high, (batch, prompt - 2), generator=generator)
+    return torch.cat((ids, torch.tensor([[config.gmask_token_id, config.bos_token_id]]).expand(batch, -1)), dim=1)
+
+
 def bench_generate(size: str, prompt: int, new_tokens: int, batch: int, device: str, dtype: torch.dtype) -> dict:
     """Peak memory and time of one greedy ``generate`` of ``new_tokens`` after a ``prompt``-token context."""
     baseline = current_rss()
     model = random_model(size, device, dtype)
     config = model.config
-    generator = torch.Generator().manual_seed(0)
-    high = 30000 if config.vocab_size > 30000 else config.vocab_size - 600
-    ids = torch.randint(10, high, (batch, prompt - 2), generator=generator)
-    ids = torch.cat((ids, torch.tensor([[config.gmask_token_id, config.bos_token_id]]).expand(batch, -1)), dim=1)
+    ids = prompt_ids(config, batch, prompt)
     ready = current_rss()
     reset_peak(device)
     synchronize(device)
@@ -95,10 +100,7 @@ def bench_decode(size: str, batch: int, prompt: int, new_tokens: int, device: st
         raise ValueError(f"decoding needs at least 2 new tokens to time a step, got {new_tokens}")
     model = random_model(size, device, dtype)
     config = model.config
-    generator = torch.Generator().manual_seed(0)
-    high = 30000 if config.vocab_size > 30000 else config.vocab_size - 600
-    ids = torch.randint(10, high, (batch, prompt - 2), generator=generator)
-    ids = torch.cat((ids, torch.tensor([[config.gmask_token_id, config.bos_token_id]]).expand(batch, -1)), dim=1)
+    ids = prompt_ids(config, batch, prompt)
     ids = ids.to(device)
 
     def run(count: int) -> float:
