@@ -1,4 +1,4 @@
-"""``python -m bench train|int4|eval|load`` — each prints one line per configuration (``--json`` for records)."""
+"""``python -m bench train|int4|eval|load|...`` — each prints one line per configuration (``--json`` for records)."""
 
 from __future__ import annotations
 
@@ -98,6 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     suite.add_argument("--json-out", help="write every record to this JSON file")
     suite.add_argument("--rows", action="store_true", help=argparse.SUPPRESS)  # the per-kernel child process
 
+    from .quality import add_arguments
+
+    add_arguments(commands.add_parser("tune", help="tiny model: learning rates chosen on a validation split of train"),
+                  commands.add_parser("quality", help="tiny model: every method on every task's test file"))
+
     args = parser.parse_args(argv)
     records: list[tuple[dict, str]] = []
     if args.command == "train":
@@ -153,6 +158,11 @@ def main(argv: list[str] | None = None) -> int:
 
         result = bench_load(args.dir, args.safetensors, args.model)
         records.append((result, format_load(result)))
+    elif args.command in ("tune", "quality"):
+        from .quality import run
+
+        run(args)
+        return 0
     elif args.command == "suite":
         from .suite import run_rows, run_suite
 

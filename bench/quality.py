@@ -1,0 +1,151 @@
+"""What the embedded tiny model learns: ``python -m bench tune`` and ``python -m bench quality``.
+
+``tune`` chooses learning rates honestly: it carves a validation split out of each task's bundled train file (a
+fifth of its distinct texts, seed 0, so no text is on both sides) and fine-tunes every method at its default
+learning rate times each ``--factors`` on the rest, scoring on the held-out fifth. The test files are never read.
+The chosen rates go into ``helpers.recipe.LEARNING_RATES`` (the one place the defaults live).
+
+``quality`` runs every method with its defaults on every task's test file, for one or more tiny model folders
+(for example the same recipe built with three seeds: ``python -m helpers build-tiny --seed 1 --out ...``), and
+prints the task × method table: main metric and repetition rate as mean and min-max over the models, and the
+training time.
+
+Both write one run folder per (model, task, method, rate) under ``--out``; a rerun reuses finished runs.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+from pathlib import Path
+
+from helpers.data import TASKS, bundled_path
+from helpers.evaluation import MAIN_METRIC
+from helpers.methods import METHODS
+from helpers.pipeline import run_method
+from helpers.recipe import resolve_recipe
+from helpers.runs import RunRecord
+
+VALIDATION_SHARE = 0.2
+VALIDATION_SEED = 0
+
+
+def _text_of(task: str, row: dict) -> str:
+    return row.get("sentence", row.get("text", "")) if task == "cls" else row.get("text", "")
+
+
+def validation_split(task: str, folder: Path, share: float = VALIDATION_SHARE, seed: int = VALIDATION_SEED,
+                     source: Path | None = None) -> tuple[Path, Path]:
+    """Write ``folder/train.jsonl`` and ``folder/val.jsonl`` from the task's train file, split by distinct text."""
+    source = source or bundled_path(task, "train")
+    lines = [line for line in Path(source).read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+    texts = list(dict.fromkeys(_text_of(task, json.loads(line)) for line in lines))
+    random.Random(seed).shuffle(texts)
+    held = set(texts[: max(1, int(len(texts) * share))])
+    folder.mkdir(parents=True, exist_ok=True)
+    train, val = folder / "train.jsonl", folder / "val.jsonl"
+    train.write_text("".join(line + "\n" for line in lines if _text_of(task, json.loads(line)) not in held),
+                     encoding="utf-8")
+    val.write_text("".join(line + "\n" for line in lines if _text_of(task, json.loads(line)) in held),
+                   encoding="utf-8")
+    return train, val
+
+
+def _row(model: str, task: str, method: str, out_dir: Path, metrics: dict, lr: float, split: str) -> dict:
+    record = RunRecord.load(out_dir)
+    main = MAIN_METRIC[task]
+    return {"model": model, "task": task, "method": method, "lr": lr, "split": split, "main_metric": main,
+            "steps": record.recipe["training"]["max_steps"],
+            "main": metrics.get(main), "repetition_rate": metrics.get("repetition_rate"),
+            "char_f1": metrics.get("char_f1"), "train_s": record.train_runtime_s}
+
+
+def default_lr(model: str, task: str, method: str) -> float:
+    return resolve_recipe(model, method, task).training.learning_rate
+
+
+def tune(model: str, tasks: list[str], methods: list[str], factors: list[float], out: Path,
+         steps: list[int | None] = (None,)) -> list[dict]:
+    """Every method at each multiple of its default rate (and each number of steps; None: the default)."""
+    rows = []
+    for task in tasks:
+        train, val = validation_split(task, out / "splits" / task)
+        for method in methods:
+            base = default_lr(model, task, method)
+            for max_steps in steps:
+                for factor in factors:
+                    lr = float(f"{base * factor:.3g}")
+                    training = {"learning_rate": lr} | ({"max_steps": max_steps} if max_steps else {})
+                    folder = out / task / (f"{method}-lr{lr:g}" + (f"-steps{max_steps}" if max_steps else ""))
+                    metrics = run_method(model, task, method, folder, training=training, train_file=str(train),
+                                         test_file=str(val))
+                    rows.append(_row(model, task, method, folder, metrics, lr, "validation"))
+                    print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def quality(models: list[str], tasks: list[str], methods: list[str], out: Path) -> list[dict]:
+    rows = []
+    for index, model in enumerate(models):
+        for task in tasks:
+            for method in methods:
+                folder = out / f"model{index}" / task / method
+                metrics = run_method(model, task, method, folder)
+                lr = RunRecord.load(folder).recipe["training"]["learning_rate"]
+                rows.append(_row(model, task, method, folder, metrics, lr, "test"))
+                print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def _spread(values: list[float], digits: int = 3) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    mean = f"{statistics.fmean(values):.{digits}f}"
+    return mean if len(values) == 1 else f"{mean} ({min(values):.{digits}f}–{max(values):.{digits}f})"
+
+
+def format_table(rows: list[dict]) -> str:
+    """Markdown: one line per (task, method), the main metric and repetition rate as mean (min-max) over models."""
+    lines = ["| task | method | lr | steps | main metric | repetition rate | train s |",
+             "|---|---|---|---|---|---|---|"]
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["task"], row["method"], row["lr"], row.get("steps")), []).append(row)
+    for (task, method, lr, steps), group in groups.items():
+        lines.append(f"| {task} | {method} | {lr:g} | {steps} | {group[0]['main_metric']} "
+                     f"{_spread([r['main'] for r in group])} "
+                     f"| {_spread([r['repetition_rate'] for r in group], 2)} "
+                     f"| {_spread([r['train_s'] for r in group], 0)} |")
+    models = sorted({row["model"] for row in rows})
+    lines.append(f"\n{len(models)} model(s): {', '.join(models)}")
+    return "\n".join(lines)
+
+
+def add_arguments(tune_parser, quality_parser) -> None:
+    for parser in (tune_parser, quality_parser):
+        parser.add_argument("--tasks", default=",".join(TASKS), type=lambda s: s.split(","))
+        parser.add_argument("--methods", default=",".join(METHODS), type=lambda s: s.split(","))
+        parser.add_argument("--json-out", help="also write the rows to this JSON file")
+    tune_parser.add_argument("--model", default="tiny")
+    tune_parser.add_argument("--factors", default="0.333,1,3", type=lambda s: [float(f) for f in s.split(",")],
+                             help="multiples of each method's default learning rate to try")
+    tune_parser.add_argument("--steps", default=[None], type=lambda s: [int(n) for n in s.split(",")],
+                             help="comma-separated numbers of training steps to try (default: the recipe's)")
+    tune_parser.add_argument("--out", default="runs/tune")
+    quality_parser.add_argument("--models", default="tiny", type=lambda s: s.split(","),
+                                help="comma-separated model names or folders (e.g. one build per seed)")
+    quality_parser.add_argument("--out", default="runs/quality")
+
+
+def run(args) -> list[dict]:
+    out = Path(args.out)
+    if args.command == "tune":
+        rows = tune(args.model, args.tasks, args.methods, args.factors, out, args.steps)
+    else:
+        rows = quality(args.models, args.tasks, args.methods, out)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
+    print(format_table(rows))
+    return rows
