@@ -23,6 +23,7 @@ from .recipe import (
     REAL_LEARNING_RATES,
     REAL_TRAINING,
     SMALL_GPU_SIZING,
+    TINY_GENERATED_ROWS,
     TINY_LENGTHS,
     TINY_TRAINING,
 )
@@ -91,6 +92,9 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup-steps", type=int, help=f"learning-rate warm-up ({_defaults('warmup_steps')}, "
                                                          "at most a fifth of --steps)")
     parser.add_argument("--save-steps", type=int, help=f"steps between checkpoints ({_defaults('save_steps')})")
+    parser.add_argument("--generated-rows", type=int,
+                        help=f"ie: also train on N rows recombined from the train file's triples (tiny model: "
+                             f"{TINY_GENERATED_ROWS['ie']}, ChatGLM-6B: 0; helpers/augment.py)")
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help=f"recompute activations in the backward pass (on by default {small_gpu})")
     parser.add_argument("--deepspeed", help="a DeepSpeed config (configs/deepspeed_zero2.json or _zero3.json)")
@@ -115,7 +119,7 @@ def _training(args) -> dict:
     chosen = {"max_steps": args.steps, "batch_size": args.batch_size, "learning_rate": args.lr,
               "gradient_accumulation_steps": args.grad_accum, "warmup_steps": args.warmup_steps,
               "save_steps": args.save_steps, "gradient_checkpointing": args.gradient_checkpointing or None,
-              "deepspeed": args.deepspeed}
+              "deepspeed": args.deepspeed, "generated_rows": args.generated_rows}
     return {k: v for k, v in chosen.items() if v is not None}
 
 

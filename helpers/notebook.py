@@ -242,19 +242,23 @@ class Course:
 
     def train(self, setup, dequantized: bool = False, tensorboard: bool = True):
         """Train ``setup`` with the live loss plot (and TensorBoard in a notebook a person looks at)."""
+        from .augment import with_generated_rows
         from .data import EncodedDataset
         from .training import train
 
         if tensorboard:
             start_tensorboard(self.runs_dir)
         training = training_options(self.method, self.toy, self.params.steps, dequantized=dequantized,
-                                    learning_rate=self.params.learning_rate)
+                                    task=self.params.task, learning_rate=self.params.learning_rate)
         run_dir, resume = replace_or_resume_run(self.runs_dir, self.run_name(dequantized), self.model_name,
                                                 setup.options, training)
-        dataset = EncodedDataset(self.tokenizer, self.task, self.train_rows)
+        options = dict(training)
+        rows = with_generated_rows(self.params.task, self.train_rows, options.pop("generated_rows", 0),
+                                   options.get("seed", 42))
+        dataset = EncodedDataset(self.tokenizer, self.task, rows)
         with text_progress_bars():
             result = train(setup, self.tokenizer, dataset, run_dir, task=self.params.task, resume=resume,
-                           callbacks=[LiveLossPlot(method=self.method)], **training)
+                           callbacks=[LiveLossPlot(method=self.method)], **options)
         print(f"{result.info['global_step']} steps in {result.info['train_runtime_s']:.0f} s, learning rate "
               f"{training['learning_rate']:g}, final loss {result.final_loss:.4f}, run folder {run_dir}")
         return result

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from transformers import set_seed
 
+from .augment import with_generated_rows
 from .data import EncodedDataset, load_split
 from .errors import UserError
 from .evaluation import evaluate, heldout_texts, perplexity
@@ -149,7 +150,9 @@ def _train_and_evaluate(record: RunRecord, recipe: Recipe, perplexity_before: fl
     else:
         setup = apply_method(model, recipe.method, **recipe.method_options)
         print(f"[{recipe.method}] {setup}")
-        dataset = EncodedDataset(tokenizer, recipe.task_spec(), load_split(recipe.task, "train", recipe.train_file))
+        rows = with_generated_rows(recipe.task, load_split(recipe.task, "train", recipe.train_file),
+                                   recipe.training.generated_rows, recipe.training.seed)
+        dataset = EncodedDataset(tokenizer, recipe.task_spec(), rows)
         train(setup, tokenizer, dataset, out_dir, task=recipe.task, resume=True, recipe=recipe.to_dict(),
               finish=False, **recipe.training.as_options())
         trained = setup.model

@@ -34,6 +34,8 @@ REAL_LEARNING_RATES = {"freeze": 1e-3, "freeze_dequantized": 1e-4, "embedding": 
                        "lora": 2e-4}
 # Training and evaluation sizes for the embedded tiny model on a CPU (the whole comparison in minutes).
 TINY_TRAINING = {"max_steps": 150, "batch_size": 8, "save_steps": 50, "warmup_steps": 10}
+# The tiny model also trains on this many IE rows recombined from the train file's triples (helpers.augment).
+TINY_GENERATED_ROWS = {"ie": 600}
 TINY_EVALUATION = {"batch_size": 16}
 TINY_LENGTHS = {"max_source_length": 192, "max_target_length": 64}  # tokens; generation stops after the target
 REAL_TRAINING = {"max_steps": 200, "batch_size": 4, "gradient_accumulation_steps": 2, "warmup_steps": 20,
@@ -54,7 +56,7 @@ OPTION_FLAGS = {
     "seed": "--seed", "gradient_checkpointing": "--gradient-checkpointing", "deepspeed": "--deepspeed",
     "max_source_length": "--max-source-length", "max_target_length": "--max-target-length",
     "max_new_tokens": "--max-new-tokens", "eval_limit": "--eval-limit", "eval_batch_size": "--eval-batch-size",
-    "train_file": "--train-file", "test_file": "--test-file", "device": "--device", "dtype": "--dtype",
+    "generated_rows": "--generated-rows", "train_file": "--train-file", "test_file": "--test-file", "device": "--device", "dtype": "--dtype",
     "model": "--model", "method": "--method", "task": "--task",
 }
 # Short names for the settings in one-line messages ("exists with lr=0.005").
@@ -70,7 +72,7 @@ def _spelled(name: str) -> str:
 
 @dataclass(frozen=True)
 class TrainingSettings:
-    """The optimiser side of a recipe; the keyword arguments of :func:`helpers.train` (sizes per device)."""
+    """The training side of a recipe: :meth:`as_options` are the keyword arguments of :func:`helpers.train`."""
 
     max_steps: int
     learning_rate: float
@@ -81,9 +83,13 @@ class TrainingSettings:
     seed: int = 42
     gradient_checkpointing: bool = False
     deepspeed: str | None = None
+    generated_rows: int = 0  # IE: rows recombined from the train file's own triples (helpers.augment)
 
     def as_options(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """What :func:`helpers.train` takes (the generated rows are part of the dataset, made before)."""
+        options = dataclasses.asdict(self)
+        del options["generated_rows"]
+        return options
 
 
 @dataclass(frozen=True)
@@ -129,7 +135,7 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON data (what a run record stores)."""
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        values["training"] = self.training.as_options()
+        values["training"] = dataclasses.asdict(self.training)
         values["lengths"] = dataclasses.asdict(self.lengths)
         return _plain(values)
 
@@ -175,15 +181,17 @@ def gpu_sizing(gpu_memory_gib: float | None) -> dict[str, Any]:
 
 
 def training_settings(method: str, small: bool, dequantized: bool = False, gpu_memory_gib: float | None = None,
-                      overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Training settings of ``method`` before validation: the defaults for the model size and GPU, then overrides.
+                      overrides: dict[str, Any] | None = None, task: str | None = None) -> dict[str, Any]:
+    """Training settings of ``method`` before validation: the defaults for the model size, GPU and task, then
+    overrides.
 
     A shorter run (``max_steps`` given) also shortens the warm-up (at most a fifth of the steps) and saves at
     least once, at its end. Overrides of ``None`` mean "not given".
     """
     key = "freeze_dequantized" if method == "freeze" and dequantized else method
     if small:
-        settings = {**TINY_TRAINING, "learning_rate": LEARNING_RATES.get(key, 1e-3)}
+        settings = {**TINY_TRAINING, "learning_rate": LEARNING_RATES.get(key, 1e-3),
+                    "generated_rows": TINY_GENERATED_ROWS.get(task, 0)}
     else:
         settings = {**REAL_TRAINING, **gpu_sizing(gpu_memory_gib), "learning_rate": REAL_LEARNING_RATES.get(key, 1e-4)}
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
@@ -274,6 +282,7 @@ def check_training(settings: dict[str, Any]) -> TrainingSettings:
     _whole("warmup_steps", settings.get("warmup_steps", 0), 0, "steps of rising learning rate")
     _whole("save_steps", settings.get("save_steps", 50), 1, "steps between checkpoints")
     _whole("seed", settings.get("seed", 42), 0, "the random seed")
+    _whole("generated_rows", settings.get("generated_rows", 0), 0, "IE rows recombined from the training triples")
     lr = settings.get("learning_rate")
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
         raise UserError(f"{_spelled('learning_rate')} must be a finite number above 0 (e.g. 1e-3), got {lr!r}")
@@ -366,7 +375,11 @@ def resolve_recipe(
     small = _is_small(config)
     options = resolve_method_options(method, method_options, config) if method is not None else {}
     memory = gpu_memory_gib if gpu_memory_gib is not None else memory
-    settings = check_training(training_settings(method, small, bool(options.get("dequantize")), memory, training))
+    settings = check_training(training_settings(method, small, bool(options.get("dequantize")), memory, training,
+                                                task=task))
+    if settings.generated_rows and task != "ie":
+        raise UserError(f"{_spelled('generated_rows')} only applies to the ie task (its triples are recombined); "
+                        f"leave it out for {task}")
 
     given = {k: v for k, v in (lengths or {}).items() if v is not None}
     unknown = sorted(set(given) - {f.name for f in dataclasses.fields(Lengths)})

@@ -27,7 +27,7 @@ def task_for(task: str, toy: bool) -> Task:
 
 
 def training_options(method: str, toy: bool, steps: int | None = None, dequantized: bool = False,
-                     gpu_memory_gib: float | None = None, **overrides: Any) -> dict[str, Any]:
+                     gpu_memory_gib: float | None = None, task: str | None = None, **overrides: Any) -> dict[str, Any]:
     """Hyper-parameters for ``helpers.train``: the tiny recipe on CPU, or settings sized to the GPU.
 
     The same rule as the command line (:func:`helpers.recipe.training_settings`): on a GPU with under 30 GiB (T4)
@@ -36,7 +36,7 @@ def training_options(method: str, toy: bool, steps: int | None = None, dequantiz
     memory = None
     if not toy:
         memory = gpu_memory_gib if gpu_memory_gib is not None else runtime_info()["gpu_memory_gib"]
-    return training_settings(method, toy, dequantized, memory, {"max_steps": steps, **overrides})
+    return training_settings(method, toy, dequantized, memory, {"max_steps": steps, **overrides}, task=task)
 
 
 def _plain(value: Any) -> Any:
@@ -89,7 +89,7 @@ def quick_runs(model: str, task: str, runs_dir: str | os.PathLike, steps: int | 
     folders = []
     for method in methods:
         folder = Path(runs_dir) / f"{method}-{task}"
-        run_method(model, task, method, folder, training=training_options(method, toy, steps),
+        run_method(model, task, method, folder, training=training_options(method, toy, steps, task=task),
                    eval_limit=eval_limit, resume=False)
         folders.append(folder)
     return folders
