@@ -7,8 +7,8 @@ The chosen rates go into ``helpers.recipe.LEARNING_RATES`` (the one place the de
 
 ``quality`` runs every method with its defaults on every task's test file, for one or more tiny model folders
 (for example the same recipe built with three seeds: ``python -m helpers build-tiny --seed 1 --out ...``), and
-prints the task × method table: main metric and repetition rate as mean and min-max over the models, and the
-training time.
+prints the task × method table: main metric and repetition rate as mean and min-max over the models and
+fine-tuning seeds (``--seeds``), and the training time.
 
 Both write one run folder per (model, task, method, rate) under ``--out``; a rerun reuses finished runs.
 """
@@ -85,16 +85,19 @@ def tune(model: str, tasks: list[str], methods: list[str], factors: list[float],
     return rows
 
 
-def quality(models: list[str], tasks: list[str], methods: list[str], out: Path) -> list[dict]:
+def quality(models: list[str], tasks: list[str], methods: list[str], out: Path,
+            seeds: list[int] = (42,)) -> list[dict]:
+    """Every method with its defaults on every task's test file, for each model and fine-tuning seed."""
     rows = []
     for index, model in enumerate(models):
-        for task in tasks:
-            for method in methods:
-                folder = out / f"model{index}" / task / method
-                metrics = run_method(model, task, method, folder)
-                lr = RunRecord.load(folder).recipe["training"]["learning_rate"]
-                rows.append(_row(model, task, method, folder, metrics, lr, "test"))
-                print(json.dumps(rows[-1]), flush=True)
+        for seed in seeds:
+            for task in tasks:
+                for method in methods:
+                    folder = out / f"model{index}-seed{seed}" / task / method
+                    metrics = run_method(model, task, method, folder, seed=seed)
+                    lr = RunRecord.load(folder).recipe["training"]["learning_rate"]
+                    rows.append(_row(model, task, method, folder, metrics, lr, "test") | {"seed": seed})
+                    print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
@@ -119,7 +122,8 @@ def format_table(rows: list[dict]) -> str:
                      f"| {_spread([r['repetition_rate'] for r in group], 2)} "
                      f"| {_spread([r['train_s'] for r in group], 0)} |")
     models = sorted({row["model"] for row in rows})
-    lines.append(f"\n{len(models)} model(s): {', '.join(models)}")
+    seeds = sorted({row["seed"] for row in rows if "seed" in row})
+    lines.append(f"\n{len(models)} model(s): {', '.join(models)}" + (f"; fine-tuning seeds {seeds}" if seeds else ""))
     return "\n".join(lines)
 
 
@@ -136,6 +140,8 @@ def add_arguments(tune_parser, quality_parser) -> None:
     tune_parser.add_argument("--out", default="runs/tune")
     quality_parser.add_argument("--models", default="tiny", type=lambda s: s.split(","),
                                 help="comma-separated model names or folders (e.g. one build per seed)")
+    quality_parser.add_argument("--seeds", default=[42], type=lambda s: [int(n) for n in s.split(",")],
+                                help="comma-separated fine-tuning seeds (default 42, the course's)")
     quality_parser.add_argument("--out", default="runs/quality")
 
 
@@ -144,7 +150,7 @@ def run(args) -> list[dict]:
     if args.command == "tune":
         rows = tune(args.model, args.tasks, args.methods, args.factors, out, args.steps)
     else:
-        rows = quality(args.models, args.tasks, args.methods, out)
+        rows = quality(args.models, args.tasks, args.methods, out, args.seeds)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
     print(format_table(rows))
