@@ -4,9 +4,11 @@ The real ChatGLM-6B reads a text, copies spans out of it and follows an instruct
 fine-tuning only adapts those skills. The tiny stand-in gets them in miniature from exercises generated out of the
 bundled general corpus (never from the three tasks' files): continue a text, repeat it, find the sentence that
 starts with given characters, split a text into its clauses one per line, write ``subject_relation_object``
-lines for the relation words an instruction names, pick the option of a list that the text mentions, and ask a
-question about a passage. Every exercise is ``instruction + text [gMASK]
-<sop> answer <eop>`` with the loss on the answer, the layout of the course's tasks.
+lines for the relations an instruction names (the relation word itself, or a label for it from a list, as a
+task's schema names relations), pick the option of a list that the text mentions, and ask a question about a
+passage. Texts are made new before they are copied from: clauses shuffled and spans replaced by random pieces of
+the vocabulary, so that the model must read its input and every piece is seen and copied. Every exercise is
+``instruction + text [gMASK] <sop> answer <eop>`` with the loss on the answer, the layout of the course's tasks.
 """
 
 from __future__ import annotations
@@ -20,18 +22,33 @@ SENTENCE_END = re.compile(r"(?<=[。！？!?])")
 CLAUSE = re.compile(r"[^，。；：、！？,.;:!?“”‘’（）()《》「」\s]+")
 # Relation words of the triple exercise: frequent verbs of the corpus, each a relation of its own.
 RELATION_WORDS = ("包括", "需要", "可以", "导致", "出现", "组成", "属于", "影响", "变得", "是", "有", "用", "能")
+# In half of the triple exercises the middle of a triple is not copied but named, the way a task's schema names
+# its relations: each relation word stands for one of these labels, and the instruction lists the labels asked.
+RELATION_LABELS = {"包括": "包含", "组成": "包含", "需要": "需求", "导致": "因果", "影响": "因果", "可以": "能力",
+                   "能": "能力", "出现": "变化", "变得": "变化", "属于": "类属", "是": "类属", "有": "拥有",
+                   "用": "用途"}
 
 
 @dataclass(frozen=True)
 class Corpus:
-    """The lines exercises are made from, and their characters (with repeats) to draw novel spans from."""
+    """The lines exercises are made from, and what novel spans are drawn from: the vocabulary's pieces when given
+    (so that every piece, however rare in the corpus, is read and copied in pretraining), else the corpus's
+    characters (with repeats)."""
 
     lines: Sequence[str]
     characters: str
+    pieces: Sequence[str] = ()
 
     @classmethod
-    def of(cls, lines: Sequence[str]) -> Corpus:
-        return cls(lines, "".join(CLAUSE.findall("".join(lines))))
+    def of(cls, lines: Sequence[str], pieces: Sequence[str] = ()) -> Corpus:
+        usable = tuple(p for p in pieces if CLAUSE.fullmatch(p) and "_" not in p)  # "_" separates triples
+        return cls(lines, "".join(CLAUSE.findall("".join(lines))), usable)
+
+    def fresh_span(self, rng: random.Random, size: int) -> str:
+        """A random span to put into a text: one or two vocabulary pieces, else ``size`` corpus characters."""
+        if self.pieces:
+            return "".join(rng.choice(self.pieces) for _ in range(rng.randint(1, 2)))
+        return "".join(rng.choice(self.characters) for _ in range(size))
 
 
 @dataclass(frozen=True)
@@ -66,7 +83,8 @@ def window(line: str, rng: random.Random, max_chars: int) -> str:
 
 
 def novel(text: str, rng: random.Random, corpus: Corpus) -> str:
-    """``text`` made new: its clauses shuffled, and in most of them a span of 2-4 characters replaced by random ones.
+    """``text`` made new: its clauses shuffled, and in most of them a span of 2-4 characters replaced by a random
+    one (:meth:`Corpus.fresh_span`).
 
     A model that has memorized the corpus still has to read such a text to copy from it, as it must read a
     task's input.
@@ -79,7 +97,7 @@ def novel(text: str, rng: random.Random, corpus: Corpus) -> str:
         if len(clause) >= 3 and rng.random() < 0.7:
             size = rng.randint(2, min(4, len(clause)))
             start = rng.randint(0, len(clause) - size)
-            fresh = "".join(rng.choice(corpus.characters) for _ in range(size))
+            fresh = corpus.fresh_span(rng, size)
             clause = clause[:start] + fresh + clause[start + size :]
         pieces[i] = clause
     return "".join(pieces)
@@ -133,18 +151,28 @@ def relation_triples(line: str, rng: random.Random, corpus: Corpus) -> Exercise 
     listed = asked + decoys
     rng.shuffle(listed)
     pattern = re.compile("|".join(sorted(asked, key=len, reverse=True)))
+    named = rng.random() < 0.5  # the middle is a label of RELATION_LABELS, not the word itself
+    middle = RELATION_LABELS.get if named else str
     triples = []
     for clause in clauses(text):
         match = pattern.search(clause)
         if match and 2 <= match.start() <= 8 and 2 <= len(clause) - match.end() <= 10:
-            triples.append(f"{clause[: match.start()]}_{match.group()}_{clause[match.end():]}")
+            triples.append(f"{clause[: match.start()]}_{middle(match.group())}_{clause[match.end():]}")
     if not triples:
         return None
-    names = ", ".join(f'"{w}"' for w in listed)
-    instruction = rng.choice((
-        f'请抽取文本中关系为{names}的三元组，三元组内部用"_"连接，三元组之间换行。文本：',
-        f'找出下面句子里的{names}关系，按“前面的词_关系_后面的词”每行写一个。句子：',
-    ))
+    if named:
+        names = list(dict.fromkeys(RELATION_LABELS[w] for w in listed))
+        names = ", ".join(f'"{w}"' for w in names[:-1]) + f'和 "{names[-1]}"' if len(names) > 1 else f'"{names[0]}"'
+        instruction = rng.choice((
+            f'请抽取出关系内容为{names}的相关三元组，三元组内部用"_"连接，三元组之间换行。文本：',
+            f'下面的句子里有哪些{names}关系？按“前面的词_关系名_后面的词”每行写一个。句子：',
+        ))
+    else:
+        names = ", ".join(f'"{w}"' for w in listed)
+        instruction = rng.choice((
+            f'请抽取文本中关系为{names}的三元组，三元组内部用"_"连接，三元组之间换行。文本：',
+            f'找出下面句子里的{names}关系，按“前面的词_关系_后面的词”每行写一个。句子：',
+        ))
     return Exercise("triples", instruction, text, "\n".join(dict.fromkeys(triples)))
 
 
@@ -207,11 +235,14 @@ MIX: dict[str, tuple[float, Callable]] = {
 }
 
 
-def exercises(lines: Sequence[str], rng: random.Random) -> list[Exercise]:
-    """One pass over ``lines``: one exercise per line, its kind drawn by :data:`MIX`; deterministic in ``rng``."""
+def exercises(lines: Sequence[str], rng: random.Random, pieces: Sequence[str] = ()) -> list[Exercise]:
+    """One pass over ``lines``: one exercise per line, its kind drawn by :data:`MIX`; deterministic in ``rng``.
+
+    ``pieces`` (the vocabulary's, :func:`helpers.tiny.span_pieces`) are what novel spans are made of.
+    """
     kinds = list(MIX)
     weights = [MIX[k][0] for k in kinds]
-    corpus = Corpus.of(lines)
+    corpus = Corpus.of(lines, pieces)
     rows = []
     for line in lines:
         kind = rng.choices(kinds, weights)[0]

@@ -41,7 +41,7 @@ from .errors import UserError
 from .paths import DATA_DIR, cache_root
 from .pretraining import Exercise, exercises
 
-BUILD_VERSION = 3  # bump when the build code changes in a way that changes the result
+BUILD_VERSION = 4  # bump when the build code changes in a way that changes the result
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ class TinyRecipe:
     num_attention_heads: int = 8
     inner_hidden_size: int = 1024
     max_sequence_length: int = 1024
-    steps: int = 2000
+    steps: int = 10000
     batch_size: int = 16
     max_tokens: int = 192  # per pretraining row
     learning_rate: float = 2e-3
@@ -122,9 +122,17 @@ def encode_exercise(tokenizer: ChatGLMTokenizer, exercise: Exercise, max_tokens:
     return {"input_ids": input_ids, "labels": labels}
 
 
+def span_pieces(tokenizer: ChatGLMTokenizer) -> list[str]:
+    """The vocabulary's learned pieces (in id order, without the word-start mark), of which novel spans are made."""
+    specials = set(tokenizer.all_special_tokens)
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    return list(dict.fromkeys(p.replace("\u2581", "") for p, _ in vocab if p not in specials and not p.startswith("<")))
+
+
 def _pretraining_rows(tokenizer: ChatGLMTokenizer, recipe: TinyRecipe, rng: random.Random) -> list[dict]:
     """One pass of exercises over the corpus lines (:mod:`helpers.pretraining`), tokenized."""
-    return [encode_exercise(tokenizer, e, recipe.max_tokens) for e in exercises(_corpus_lines(), rng)]
+    rows = exercises(_corpus_lines(), rng, span_pieces(tokenizer))
+    return [encode_exercise(tokenizer, e, recipe.max_tokens) for e in rows]
 
 
 def _batches(rows: list[dict], batch_size: int, rng: random.Random) -> list[list[dict]]:
