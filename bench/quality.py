@@ -3,7 +3,7 @@
 ``tune`` chooses learning rates honestly: it carves a validation split out of each task's bundled train file (a
 fifth of its distinct texts, seed 0, so no text is on both sides) and fine-tunes every method at its default
 learning rate times each ``--factors`` on the rest, scoring on the held-out fifth. The test files are never read.
-The chosen rates go into ``helpers.recipe.LEARNING_RATES`` (the one place the defaults live).
+The chosen rates go into ``helpers.recipe.LEARNING_RATES`` (per task and method; the one place they live).
 
 ``quality`` runs every method with its defaults on every task's test file, for one or more tiny model folders
 (for example the same recipe built with three seeds: ``python -m helpers build-tiny --seed 1 --out ...``), and

@@ -1,12 +1,15 @@
 """More IE training rows, recombined from the triples of the training rows themselves (never from a test file).
 
-A small model learns where a span starts and ends from many examples; the bundled IE sample has about a hundred.
+The bundled IE sample has about a hundred rows; more of them might teach a small model where spans start and end.
 :func:`generated_ie_examples` takes the rows a run trains on, collects their triples by relation (component +
 fault state for ``部件故障`` and ``性能故障``, part + whole for ``组成``, tool + what it measures for ``检测工具``)
 and writes new fault reports that state them in the way the sample does (``压缩机不吸合``, ``用万用表测量…``,
 ``左前制动钳导向销锈蚀卡滞``), with the answer the rule of the sample gives: one triple per line, in the order
-the text mentions them (report numbers, too, are the training rows' own). Components and states are paired at random, so the rows are new combinations of known
-words, which is what teaches the boundaries rather than the facts. Deterministic in ``seed``.
+the text mentions them (report numbers, too, are the training rows' own). Components and states are paired at
+random, so the rows are new combinations of known words. Deterministic in ``seed``.
+
+Off by default (``--generated-rows N`` turns it on): on the IE validation split of ``python -m bench tune``, 600
+such rows at 150 steps lowered the tiny model's exact-triple F1 (embedding 0.091 -> 0.069, LoRA 0.044 -> 0.025).
 """
 
 from __future__ import annotations

@@ -23,7 +23,6 @@ from .recipe import (
     REAL_LEARNING_RATES,
     REAL_TRAINING,
     SMALL_GPU_SIZING,
-    TINY_GENERATED_ROWS,
     TINY_LENGTHS,
     TINY_TRAINING,
 )
@@ -83,7 +82,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     small_gpu = f"on a GPU under {BIG_GPU_GIB} GiB"
     parser.add_argument("--batch-size", type=int, help=f"rows per step and device ({_defaults('batch_size')}; "
                                                        f"{SMALL_GPU_SIZING['batch_size']} {small_gpu})")
-    parser.add_argument("--lr", type=float, help=f"learning rate (tiny model: {_rates(LEARNING_RATES)}; "
+    tiny_rates = "; ".join(f"{task}: {_rates(rates)}" for task, rates in LEARNING_RATES.items())
+    parser.add_argument("--lr", type=float, help=f"learning rate (tiny model, {tiny_rates}; "
                                                  f"ChatGLM-6B: {_rates(REAL_LEARNING_RATES)})")
     accumulation = SMALL_GPU_SIZING["gradient_accumulation_steps"]
     parser.add_argument("--grad-accum", type=int, help=f"gradient accumulation steps (tiny model: 1, ChatGLM-6B: "
@@ -93,8 +93,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
                                                          "at most a fifth of --steps)")
     parser.add_argument("--save-steps", type=int, help=f"steps between checkpoints ({_defaults('save_steps')})")
     parser.add_argument("--generated-rows", type=int,
-                        help=f"ie: also train on N rows recombined from the train file's triples (tiny model: "
-                             f"{TINY_GENERATED_ROWS['ie']}, ChatGLM-6B: 0; helpers/augment.py)")
+                        help="ie: also train on N rows recombined from the train file's triples (default 0; "
+                             "helpers/augment.py)")
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help=f"recompute activations in the backward pass (on by default {small_gpu})")
     parser.add_argument("--deepspeed", help="a DeepSpeed config (configs/deepspeed_zero2.json or _zero3.json)")

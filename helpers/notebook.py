@@ -255,6 +255,9 @@ class Course:
         options = dict(training)
         rows = with_generated_rows(self.params.task, self.train_rows, options.pop("generated_rows", 0),
                                    options.get("seed", 42))
+        if len(rows) > len(self.train_rows):
+            print(f"Training rows: the {len(self.train_rows)} of the train file and {len(rows) - len(self.train_rows)} "
+                  "recombined from their triples (helpers/augment.py; the tiny model's IE default)")
         dataset = EncodedDataset(self.tokenizer, self.task, rows)
         with text_progress_bars():
             result = train(setup, self.tokenizer, dataset, run_dir, task=self.params.task, resume=resume,

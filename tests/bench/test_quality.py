@@ -27,11 +27,11 @@ def test_validation_split_holds_out_a_fifth_of_the_texts_and_is_deterministic(ta
 
 
 def test_quality_table_gives_mean_and_range_over_models():
-    rows = [{"model": f"m{i}", "task": "ie", "method": "lora", "lr": 0.005, "steps": 150, "main_metric": "f1", "main": v,
-             "repetition_rate": r, "train_s": t} for i, (v, r, t) in enumerate([(0.1, 0.0, 20), (0.4, 0.5, 30),
-                                                                               (0.25, 0.1, 40)])]
-    rows.append({"model": "m0", "task": "cls", "method": "embedding", "lr": 0.006, "steps": 150, "main_metric": "accuracy",
-                 "main": 0.5, "repetition_rate": 0.0, "train_s": 10.4})
+    measured = [(0.1, 0.0, 20), (0.4, 0.5, 30), (0.25, 0.1, 40)]
+    rows = [{"model": f"m{i}", "task": "ie", "method": "lora", "lr": 0.005, "steps": 150, "main_metric": "f1",
+             "main": v, "repetition_rate": r, "train_s": t} for i, (v, r, t) in enumerate(measured)]
+    rows.append({"model": "m0", "task": "cls", "method": "embedding", "lr": 0.006, "steps": 150,
+                 "main_metric": "accuracy", "main": 0.5, "repetition_rate": 0.0, "train_s": 10.4})
     table = format_table(rows)
     assert "| ie | lora | 0.005 | 150 | f1 0.250 (0.100–0.400) | 0.20 (0.00–0.50) | 30 (20–40) |" in table
     assert "| cls | embedding | 0.006 | 150 | accuracy 0.500 | 0.00 | 10 |" in table

@@ -11,6 +11,7 @@ import pytest
 
 from helpers import cli
 from helpers.cli import main
+from helpers.recipe import LEARNING_RATES
 from helpers.runs import RunRecord
 
 REPO = Path(__file__).resolve().parents[2]
@@ -91,8 +92,9 @@ def test_another_lr_on_an_existing_run_is_refused_with_one_line(trained, tiny_ch
     before = snapshot(trained)
     capsys.readouterr()
     assert main(train_args(tiny_checkpoint, trained, "--lr", "0.01")) == 2
-    assert error_line(capsys) == (f"error: {trained}: exists with lr=0.005, this command asks lr=0.01; use --fresh "
-                                  "to start over or another --out")
+    default = LEARNING_RATES["ie"]["lora"]
+    assert error_line(capsys) == (f"error: {trained}: exists with lr={default:g}, this command asks lr=0.01; use "
+                                  "--fresh to start over or another --out")
     assert snapshot(trained) == before
 
 

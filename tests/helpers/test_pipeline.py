@@ -10,6 +10,7 @@ import pytest
 from helpers import pipeline
 from helpers.errors import UserError
 from helpers.models import is_small_model, meta_model
+from helpers.recipe import LEARNING_RATES
 from helpers.runs import RunRecord, load_runs
 
 
@@ -55,8 +56,9 @@ def test_another_recipe_is_refused_with_one_line(finished, tiny_checkpoint):
     before = snapshot(out)
     with pytest.raises(UserError) as caught:
         run(tiny_checkpoint, out, training={"learning_rate": 0.01})
-    assert str(caught.value) == (f"{out}: exists with lr=0.005, this command asks lr=0.01; use --fresh to start "
-                                 "over or another --out")
+    default = LEARNING_RATES["ie"]["lora"]
+    assert str(caught.value) == (f"{out}: exists with lr={default:g}, this command asks lr=0.01; use --fresh to "
+                                 "start over or another --out")
     with pytest.raises(UserError, match="exists with r=2, .* asks r=4"):
         pipeline.run_method(str(tiny_checkpoint), "ie", "lora", out, method_overrides={"r": 4},
                             training={"max_steps": 2, "batch_size": 2}, evaluation={"max_new_tokens": 2},

@@ -20,6 +20,7 @@ from helpers.recipe import (
 )
 
 REAL = "THUDM/chatglm-6b-int4"
+LORA_IE = LEARNING_RATES["ie"]["lora"]  # the tiny model's default for LoRA on IE
 
 
 @pytest.fixture
@@ -36,7 +37,7 @@ def no_weights(monkeypatch):
 def test_tiny_model_gets_the_tiny_defaults(tiny_checkpoint, no_weights):
     recipe = resolve_recipe(str(tiny_checkpoint), "lora", "ie", device="cpu")
     assert recipe.training.max_steps == TINY_TRAINING["max_steps"]
-    assert recipe.training.learning_rate == LEARNING_RATES["lora"]
+    assert recipe.training.learning_rate == LEARNING_RATES["ie"]["lora"]
     assert recipe.training.batch_size == TINY_TRAINING["batch_size"]
     assert recipe.lengths.max_source_length == TINY_LENGTHS["max_source_length"]
     assert recipe.eval_batch_size == 16 and recipe.dtype == "fp32" and recipe.device == "cpu"
@@ -157,8 +158,8 @@ def test_differences_name_each_changed_setting(tiny_checkpoint):
                            training={"learning_rate": 0.01}, method_options={"r": 4})
     diffs = asked.differences(stored)
     assert [(key, old, new) for key, old, new in diffs] == [("method_options.r", 8, 4),
-                                                            ("training.learning_rate", 0.005, 0.01)]
-    assert describe(*diffs[1][:2]) == "lr=0.005"
+                                                            ("training.learning_rate", LORA_IE, 0.01)]
+    assert describe(*diffs[1][:2]) == f"lr={LORA_IE:g}"
     assert asked.differences(asked.to_dict()) == []
     moved = {**asked.to_dict(), "device": "cuda"}  # where it runs is not what it trains
     assert asked.differences(moved) == []

@@ -122,10 +122,11 @@ def test_task_for_shortens_budgets_for_the_tiny_model():
 
 def test_training_options():
     toy = nb.training_options("lora", toy=True)
-    assert toy["max_steps"] == TINY_TRAINING["max_steps"] and toy["learning_rate"] == LEARNING_RATES["lora"]
+    assert toy["max_steps"] == TINY_TRAINING["max_steps"] and toy["learning_rate"] == LEARNING_RATES["ie"]["lora"]
+    assert nb.training_options("lora", toy=True, task="gen")["learning_rate"] == LEARNING_RATES["gen"]["lora"]
     short = nb.training_options("freeze", toy=True, steps=8, dequantized=True, learning_rate=None)
     assert short["max_steps"] == 8 and short["warmup_steps"] <= 8 // 5 and short["save_steps"] <= 8
-    assert short["learning_rate"] < LEARNING_RATES["freeze"]
+    assert short["learning_rate"] < LEARNING_RATES["ie"]["freeze"]
     a100 = nb.training_options("ptuning_v2", toy=False, gpu_memory_gib=40, learning_rate=0.05)
     assert (a100["batch_size"], a100["gradient_accumulation_steps"], a100["gradient_checkpointing"]) == (4, 2, False)
     assert a100["learning_rate"] == 0.05
