@@ -40,15 +40,14 @@ def validation_split(task: str, folder: Path, share: float = VALIDATION_SHARE, s
     """Write ``folder/train.jsonl`` and ``folder/val.jsonl`` from the task's train file, split by distinct text."""
     source = source or bundled_path(task, "train")
     lines = [line for line in Path(source).read_text(encoding="utf-8-sig").splitlines() if line.strip()]
-    texts = list(dict.fromkeys(_text_of(task, json.loads(line)) for line in lines))
+    keyed = [(_text_of(task, json.loads(line)), line) for line in lines]
+    texts = list(dict.fromkeys(text for text, _ in keyed))
     random.Random(seed).shuffle(texts)
     held = set(texts[: max(1, int(len(texts) * share))])
     folder.mkdir(parents=True, exist_ok=True)
     train, val = folder / "train.jsonl", folder / "val.jsonl"
-    train.write_text("".join(line + "\n" for line in lines if _text_of(task, json.loads(line)) not in held),
-                     encoding="utf-8")
-    val.write_text("".join(line + "\n" for line in lines if _text_of(task, json.loads(line)) in held),
-                   encoding="utf-8")
+    train.write_text("".join(line + "\n" for text, line in keyed if text not in held), encoding="utf-8")
+    val.write_text("".join(line + "\n" for text, line in keyed if text in held), encoding="utf-8")
     return train, val
 
 
