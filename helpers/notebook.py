@@ -257,7 +257,7 @@ class Course:
                                    options.get("seed", 42))
         if len(rows) > len(self.train_rows):
             print(f"Training rows: the {len(self.train_rows)} of the train file and {len(rows) - len(self.train_rows)} "
-                  "recombined from their triples (helpers/augment.py; the tiny model's IE default)")
+                  "recombined from their triples (helpers/augment.py)")
         dataset = EncodedDataset(self.tokenizer, self.task, rows)
         with text_progress_bars():
             result = train(setup, self.tokenizer, dataset, run_dir, task=self.params.task, resume=resume,
