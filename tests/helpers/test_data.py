@@ -44,6 +44,14 @@ def test_bundled_samples_are_large_enough(task):
     assert len(data.load_split(task, "test")) >= 30
 
 
+@pytest.mark.parametrize("task", ["ie", "gen", "cls"])
+def test_bundled_train_and_test_share_no_text(task):
+    train = data.load_split(task, "train")
+    test_texts = {example.text for example in data.load_split(task, "test")}
+    assert not [example.where for example in train if example.text in test_texts]
+    assert len({example.text for example in train}) == len(train) or task == "gen"  # gen: a document per question
+
+
 def test_doc2query_test_rows_keep_all_references():
     examples = data.load_split("gen", "test")
     assert all(len(e.targets) >= 2 for e in examples)
