@@ -46,7 +46,7 @@ BUILD_VERSION = 4  # bump when the build code changes in a way that changes the 
 
 @dataclass(frozen=True)
 class TinyRecipe:
-    """Everything that decides the tiny model; its hash names the cache folder."""
+    """Everything that decides the tiny model; its hash (with the files the build reads) names the cache folder."""
 
     seed: int = 0
     vocab_size: int = 3000  # learned pieces, before ChatGLM's 344 fixed ones
@@ -65,13 +65,23 @@ class TinyRecipe:
     def key(self) -> str:
         digest = hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode())
         digest.update(str(BUILD_VERSION).encode())
-        for path in corpus_files():
+        for path in source_files():
             digest.update(path.read_bytes())
         return digest.hexdigest()[:12]
 
 
 def corpus_files() -> list[Path]:
     return [DATA_DIR / "corpus" / "pretrain.txt"]
+
+
+def task_files(task: str) -> list[Path]:
+    """The bundled files of ``task`` whose texts the vocabulary is trained on (never pretrained on)."""
+    return [DATA_DIR / task / f"{split}.jsonl" for split in ("train", "test")]
+
+
+def source_files() -> list[Path]:
+    """Every file the build reads, so that the recipe's key changes when any of them does."""
+    return corpus_files() + [path for task in TASKS for path in task_files(task)]
 
 
 def _corpus_lines() -> list[str]:
@@ -86,8 +96,8 @@ def _vocab_texts() -> list[str]:
     texts = _corpus_lines()
     for task in TASKS.values():
         texts.append(task.prompt)
-        for split in ("train", "test"):
-            for example in read_examples(DATA_DIR / task.name / f"{split}.jsonl", task.name, group_references=True):
+        for path in task_files(task.name):
+            for example in read_examples(path, task.name, group_references=True):
                 texts.append(example.text)
                 texts.extend(example.targets)
     return texts

@@ -58,6 +58,21 @@ def test_cache_is_keyed_by_recipe_and_reused(tmp_path, monkeypatch):
     assert not any(p.name.startswith(".building-") for p in folder.parent.iterdir())
 
 
+def test_the_key_follows_every_file_the_build_reads(tmp_path, monkeypatch):
+    recipe = fast_tiny_recipe()
+    read = {path.relative_to(tiny.DATA_DIR).as_posix() for path in tiny.source_files()}
+    assert read == {"corpus/pretrain.txt"} | {f"{task}/{split}.jsonl" for task in TASKS for split in ("train", "test")}
+    for name in sorted(read):
+        copy = tmp_path / name
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        copy.write_bytes((tiny.DATA_DIR / name).read_bytes())
+    monkeypatch.setattr(tiny, "DATA_DIR", tmp_path)
+    before = recipe.key()
+    train = tmp_path / "cls" / "train.jsonl"
+    train.write_text(train.read_text(encoding="utf-8").replace("老人", "老者", 1), encoding="utf-8")
+    assert recipe.key() != before  # a task file feeds the vocabulary, so it is part of the recipe
+
+
 def test_pretraining_lowers_the_loss(tiny_checkpoint):
     summary = json.loads((tiny_checkpoint / "tiny_recipe.json").read_text())
     assert summary["last_loss"] < summary["first_loss"]
