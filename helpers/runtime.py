@@ -22,9 +22,9 @@ TOY_BANNER = """\
 +------------------------------------------------------------------------------------------+
 |  TOY MODE: no GPU here, so this notebook uses the embedded TINY ChatGLM.                 |
 |  Same architecture, special tokens and INT4 format as ChatGLM-6B, so every cell runs the |
-|  same code; but the model is thousands of times smaller and far too weak for the task:   |
-|  losses, metrics and answers below are toy-sized. For real results use a GPU runtime     |
-|  (Colab: Runtime > Change runtime type > GPU).                                           |
+|  same code; but the model is thousands of times smaller and far weaker: it learns the    |
+|  tasks a little, so losses, metrics and answers below are toy-sized. For real results    |
+|  use a GPU runtime (Colab: Runtime > Change runtime type > GPU).                         |
 +------------------------------------------------------------------------------------------+"""
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 
