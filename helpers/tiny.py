@@ -36,7 +36,7 @@ from chatglm import ChatGLMConfig, ChatGLMForConditionalGeneration, ChatGLMToken
 from chatglm.configuration import MODEL_AUTO_MAP, vocabulary_fields
 from chatglm.vocab import train_compatible_vocab, write_tokenizer_files
 
-from .data import IGNORE_INDEX, TASKS, Collator, read_examples
+from .data import IGNORE_INDEX, TASKS, Collator, bundled_path, read_examples
 from .errors import UserError
 from .paths import DATA_DIR, cache_root
 from .pretraining import Exercise, exercises
@@ -76,7 +76,7 @@ def corpus_files() -> list[Path]:
 
 def task_files(task: str) -> list[Path]:
     """The bundled files of ``task`` whose texts the vocabulary is trained on (never pretrained on)."""
-    return [DATA_DIR / task / f"{split}.jsonl" for split in ("train", "test")]
+    return [bundled_path(task, split) for split in ("train", "test")]
 
 
 def source_files() -> list[Path]:
@@ -139,10 +139,10 @@ def span_pieces(tokenizer: ChatGLMTokenizer) -> list[str]:
     return list(dict.fromkeys(p.replace("\u2581", "") for p, _ in vocab if p not in specials and not p.startswith("<")))
 
 
-def _pretraining_rows(tokenizer: ChatGLMTokenizer, recipe: TinyRecipe, rng: random.Random) -> list[dict]:
-    """One pass of exercises over the corpus lines (:mod:`helpers.pretraining`), tokenized."""
-    rows = exercises(_corpus_lines(), rng, span_pieces(tokenizer))
-    return [encode_exercise(tokenizer, e, recipe.max_tokens) for e in rows]
+def _pretraining_rows(tokenizer: ChatGLMTokenizer, recipe: TinyRecipe, rng: random.Random, lines: list[str],
+                      pieces: list[str]) -> list[dict]:
+    """One pass of exercises over the corpus ``lines`` (:mod:`helpers.pretraining`), tokenized."""
+    return [encode_exercise(tokenizer, e, recipe.max_tokens) for e in exercises(lines, rng, pieces)]
 
 
 def _batches(rows: list[dict], batch_size: int, rng: random.Random) -> list[list[dict]]:
@@ -182,10 +182,12 @@ def pretrain(model: ChatGLMForConditionalGeneration, tokenizer: ChatGLMTokenizer
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     model.train()
     losses, batches = [], []
+    lines, pieces = _corpus_lines(), span_pieces(tokenizer)  # read once, not once per pass
     bar = tqdm(range(recipe.steps), desc="pretraining the tiny model", disable=not progress)
     for step in bar:
         if not batches:
-            batches = _batches(_pretraining_rows(tokenizer, recipe, rng), recipe.batch_size, rng)  # fresh exercises
+            rows = _pretraining_rows(tokenizer, recipe, rng, lines, pieces)  # fresh exercises each pass
+            batches = _batches(rows, recipe.batch_size, rng)
         batch = {k: v.to(device) for k, v in collate(batches.pop()).items()}
         loss = model(**batch).loss
         loss.backward()

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from chatglm import ChatGLMForConditionalGeneration, ChatGLMTokenizer
-from helpers import tiny
+from helpers import data, tiny
 from helpers.data import TASKS, load_split
 from helpers.errors import UserError
 from helpers.pretraining import MIX, RELATION_LABELS, Exercise, exercises
@@ -67,6 +67,7 @@ def test_the_key_follows_every_file_the_build_reads(tmp_path, monkeypatch):
         copy.parent.mkdir(parents=True, exist_ok=True)
         copy.write_bytes((tiny.DATA_DIR / name).read_bytes())
     monkeypatch.setattr(tiny, "DATA_DIR", tmp_path)
+    monkeypatch.setattr(data, "DATA_DIR", tmp_path)
     before = recipe.key()
     train = tmp_path / "cls" / "train.jsonl"
     train.write_text(train.read_text(encoding="utf-8").replace("老人", "老者", 1), encoding="utf-8")
