@@ -294,7 +294,9 @@ def ensure_tiny(recipe: TinyRecipe = TinyRecipe(), progress: bool = True) -> Pat
     try:
         if progress:
             print(f"Building the embedded tiny ChatGLM ({recipe.steps} pretraining steps; the committed weights "
-                  f"in {SHIPPED_DIR} do not match this recipe) into {target}")
+                  f"in {SHIPPED_DIR} do not match this recipe, or a file they were built from changed: "
+                  f"{', '.join(p.relative_to(DATA_DIR).as_posix() for p in source_files())}; to train on other "
+                  f"data, pass --train-file instead of editing those) into {target}")
         build_tiny(staging / "model", recipe, progress=progress)
         try:
             (staging / "model").rename(target)
