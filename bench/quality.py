@@ -8,7 +8,7 @@ The chosen rates go into ``helpers.recipe.LEARNING_RATES`` (per task and method;
 ``quality`` runs every method with its defaults on every task's test file, for one or more tiny model folders
 (for example the same recipe built with three seeds: ``python -m helpers build-tiny --seed 1 --out ...``), and
 prints the task × method table: main metric and repetition rate as mean and min-max over the models and
-fine-tuning seeds (``--seeds``), and the training time.
+fine-tuning seeds (``--seeds``), the training time, and, with several models, each model's mean main metric.
 
 Both write one run folder per (model, task, method, rate) under ``--out``; a rerun reuses finished runs.
 """
@@ -109,18 +109,28 @@ def _spread(values: list[float], digits: int = 3) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    """Markdown: one line per (task, method), the main metric and repetition rate as mean (min-max) over models."""
-    lines = ["| task | method | lr | steps | main metric | repetition rate | train s |",
-             "|---|---|---|---|---|---|---|"]
+    """Markdown: one line per (task, method), the main metric and repetition rate as mean (min-max) over all runs.
+
+    With more than one model (for example one build per seed), a last column gives the main metric of each model,
+    averaged over its fine-tuning seeds, in the order the models were given.
+    """
+    models = list(dict.fromkeys(row["model"] for row in rows))
+    by_model = len(models) > 1
+    lines = ["| task | method | lr | steps | main metric | repetition rate | train s |"
+             + (" main metric per model |" if by_model else ""),
+             "|---|---|---|---|---|---|---|" + ("---|" if by_model else "")]
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["task"], row["method"], row["lr"], row.get("steps")), []).append(row)
     for (task, method, lr, steps), group in groups.items():
-        lines.append(f"| {task} | {method} | {lr:g} | {steps} | {group[0]['main_metric']} "
-                     f"{_spread([r['main'] for r in group])} "
-                     f"| {_spread([r['repetition_rate'] for r in group], 2)} "
-                     f"| {_spread([r['train_s'] for r in group], 0)} |")
-    models = sorted({row["model"] for row in rows})
+        line = (f"| {task} | {method} | {lr:g} | {steps} | {group[0]['main_metric']} "
+                f"{_spread([r['main'] for r in group])} "
+                f"| {_spread([r['repetition_rate'] for r in group], 2)} "
+                f"| {_spread([r['train_s'] for r in group], 0)} |")
+        if by_model:
+            means = [[r["main"] for r in group if r["model"] == model and r["main"] is not None] for model in models]
+            line += " " + " / ".join(f"{statistics.fmean(m):.3f}" if m else "-" for m in means) + " |"
+        lines.append(line)
     seeds = sorted({row["seed"] for row in rows if "seed" in row})
     lines.append(f"\n{len(models)} model(s): {', '.join(models)}" + (f"; fine-tuning seeds {seeds}" if seeds else ""))
     return "\n".join(lines)

@@ -33,6 +33,18 @@ def test_quality_table_gives_mean_and_range_over_models():
     rows.append({"model": "m0", "task": "cls", "method": "embedding", "lr": 0.006, "steps": 150,
                  "main_metric": "accuracy", "main": 0.5, "repetition_rate": 0.0, "train_s": 10.4})
     table = format_table(rows)
-    assert "| ie | lora | 0.005 | 150 | f1 0.250 (0.100–0.400) | 0.20 (0.00–0.50) | 30 (20–40) |" in table
-    assert "| cls | embedding | 0.006 | 150 | accuracy 0.500 | 0.00 | 10 |" in table
+    assert ("| ie | lora | 0.005 | 150 | f1 0.250 (0.100–0.400) | 0.20 (0.00–0.50) | 30 (20–40) "
+            "| 0.100 / 0.400 / 0.250 |") in table
+    assert "| cls | embedding | 0.006 | 150 | accuracy 0.500 | 0.00 | 10 | 0.500 / - / - |" in table
     assert "3 model(s): m0, m1, m2" in table
+
+
+def test_quality_table_averages_each_model_over_its_seeds_and_keeps_one_model_tables_narrow():
+    rows = [{"model": model, "seed": seed, "task": "gen", "method": "lora", "lr": 0.002, "steps": 150,
+             "main_metric": "rouge_l", "main": value, "repetition_rate": 0.0, "train_s": 20}
+            for model, seed, value in [("b", 42, 0.2), ("a", 42, 0.3), ("b", 43, 0.4), ("a", 43, 0.5)]]
+    table = format_table(rows)
+    assert "| rouge_l 0.350 (0.200–0.500) | 0.00 (0.00–0.00) | 20 (20–20) | 0.300 / 0.400 |" in table  # b first: the order given
+    assert "2 model(s): b, a; fine-tuning seeds [42, 43]" in table
+    single = format_table([row for row in rows if row["model"] == "a"])
+    assert single.splitlines()[0].count("|") == 8 and "| rouge_l 0.400 (0.300–0.500) | 0.00 (0.00–0.00) | 20 (20–20) |" in single
