@@ -24,6 +24,7 @@ from .recipe import (
     REAL_TRAINING,
     SMALL_GPU_SIZING,
     TINY_LENGTHS,
+    TINY_STEPS,
     TINY_TRAINING,
 )
 
@@ -31,8 +32,11 @@ EXIT_USER_ERROR = 2
 
 
 def _defaults(name: str) -> str:
-    """``tiny model: 150, ChatGLM-6B: 200`` for a training setting, from the recipe tables."""
-    return f"tiny model: {TINY_TRAINING.get(name, '-')}, ChatGLM-6B: {REAL_TRAINING.get(name, '-')}"
+    """``tiny model: 8; ChatGLM-6B: 4`` for a training setting, from the recipe tables (steps: per task and method)."""
+    tiny = TINY_TRAINING.get(name, "-")
+    if name == "max_steps":
+        tiny = "; ".join(f"{task}: {_rates(steps)}" for task, steps in TINY_STEPS.items())
+    return f"tiny model: {tiny}; ChatGLM-6B: {REAL_TRAINING.get(name, '-')}"
 
 
 def _rates(table: dict) -> str:

@@ -13,6 +13,7 @@ from helpers.recipe import (
     REAL_LEARNING_RATES,
     REAL_TRAINING,
     TINY_LENGTHS,
+    TINY_STEPS,
     TINY_TRAINING,
     describe,
     recipe_from_dict,
@@ -36,12 +37,26 @@ def no_weights(monkeypatch):
 
 def test_tiny_model_gets_the_tiny_defaults(tiny_checkpoint, no_weights):
     recipe = resolve_recipe(str(tiny_checkpoint), "lora", "ie", device="cpu")
-    assert recipe.training.max_steps == TINY_TRAINING["max_steps"]
+    assert recipe.training.max_steps == TINY_STEPS["ie"]["lora"]
     assert recipe.training.learning_rate == LEARNING_RATES["ie"]["lora"]
     assert recipe.training.batch_size == TINY_TRAINING["batch_size"]
     assert recipe.lengths.max_source_length == TINY_LENGTHS["max_source_length"]
     assert recipe.eval_batch_size == 16 and recipe.dtype == "fp32" and recipe.device == "cpu"
     assert recipe.task_spec().max_target_length == TINY_LENGTHS["max_target_length"]
+
+
+def test_tiny_steps_are_per_task_and_method(tiny_checkpoint, no_weights):
+    steps = {(task, method): resolve_recipe(str(tiny_checkpoint), method, task, device="cpu").training.max_steps
+             for task, methods in TINY_STEPS.items() for method in methods}
+    assert steps == {(task, method): n for task, methods in TINY_STEPS.items() for method, n in methods.items()}
+    assert len(set(steps.values())) > 1  # the table is not one number in disguise
+    dequantized = resolve_recipe(str(tiny_checkpoint), "freeze", "cls", method_options={"dequantize": True},
+                                 device="cpu").training
+    assert dequantized.max_steps == TINY_STEPS["cls"]["freeze"]
+    base = resolve_recipe(str(tiny_checkpoint), None, "gen", device="cpu").training
+    assert base.max_steps == TINY_TRAINING["max_steps"]
+    given = resolve_recipe(str(tiny_checkpoint), "lora", "ie", device="cpu", training={"max_steps": 20}).training
+    assert given.max_steps == 20
 
 
 def test_full_size_model_is_sized_by_the_gpu(no_weights):

@@ -13,7 +13,7 @@ import helpers.display
 from helpers import notebook as nb
 from helpers.data import Example, get_task
 from helpers.plotting import Run
-from helpers.recipe import LEARNING_RATES, TINY_TRAINING
+from helpers.recipe import LEARNING_RATES, TINY_STEPS
 
 # ---------------------------------------------------------------------------------------------------------
 # Where we run
@@ -122,8 +122,9 @@ def test_task_for_shortens_budgets_for_the_tiny_model():
 
 def test_training_options():
     toy = nb.training_options("lora", toy=True)
-    assert toy["max_steps"] == TINY_TRAINING["max_steps"] and toy["learning_rate"] == LEARNING_RATES["ie"]["lora"]
-    assert nb.training_options("lora", toy=True, task="gen")["learning_rate"] == LEARNING_RATES["gen"]["lora"]
+    assert toy["max_steps"] == TINY_STEPS["ie"]["lora"] and toy["learning_rate"] == LEARNING_RATES["ie"]["lora"]
+    gen = nb.training_options("lora", toy=True, task="gen")
+    assert gen["learning_rate"] == LEARNING_RATES["gen"]["lora"] and gen["max_steps"] == TINY_STEPS["gen"]["lora"]
     short = nb.training_options("freeze", toy=True, steps=8, dequantized=True, learning_rate=None)
     assert short["max_steps"] == 8 and short["warmup_steps"] <= 8 // 5 and short["save_steps"] <= 8
     assert short["learning_rate"] < LEARNING_RATES["ie"]["freeze"]
