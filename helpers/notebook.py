@@ -395,6 +395,11 @@ def setup(method: str, show_data: bool = False, **parameters: Any) -> Course:
     task = task_for(params.task, toy)
     print(f"Task {params.task} ({task.title}): {len(train_rows)} training rows, {len(test_rows)} test rows; "
           f"main metric {main_metric(params.task)}")
+    chosen = training_options(method, toy, params.steps, task=params.task, learning_rate=params.learning_rate)
+    default = training_options(method, toy, task=params.task)
+    print(f"Training: {chosen['max_steps']} steps at learning rate {chosen['learning_rate']:g} (this model's "
+          f"defaults for {method} on {params.task}: {default['max_steps']} steps, learning rate "
+          f"{default['learning_rate']:g}; STEPS and LEARNING_RATE in the parameters cell change them)")
     from .evaluation import generate_answers
 
     perplexity = heldout_perplexity(model, tokenizer)

@@ -17,6 +17,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from helpers.run_policy import training_options
+
 REPO = Path(__file__).resolve().parents[2]
 NOTEBOOKS_DIR = REPO / "notebooks"
 METHOD_NOTEBOOKS = {"01_freeze.ipynb": "freeze", "02_embedding.ipynb": "embedding",
@@ -141,6 +143,9 @@ def check_method_run(notebook, name: str, run: Path, task: str, steps: int, rows
     assert any(t.startswith("| metric | value |") and f"**{main}** (main)" in t for t in tables), f"{name}: no metrics"
     text = stdout(notebook)
     assert "TOY MODE" in text, f"{name}: the tiny model must come with its banner"
+    defaults = training_options(method, toy=True, task=task)
+    assert (f"Training: {steps} steps at learning rate {defaults['learning_rate']:g} (this model's defaults for "
+            f"{method} on {task}: {defaults['max_steps']} steps") in text, f"{name}: the setup must say what it trains"
     assert "trainable params:" in text and "same answer after reloading: True" in text
     assert f"helpers.{method} trains exactly" in text, f"{name}: the mechanism cell and helpers.{method} disagree"
     metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
