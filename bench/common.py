@@ -5,14 +5,13 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from chatglm import ChatGLMConfig, ChatGLMForConditionalGeneration, known_config
 from chatglm.quantization import QuantizedLinear
-from helpers.training import current_rss  # noqa: F401  (re-exported for the bench modules)
+from helpers.run.memory import GIB, current_rss, peak_memory, reset_peak  # noqa: F401  (used by the bench modules)
 
 # A small ChatGLM for CPU figures: the 6B architecture with fewer, narrower layers and a 32k vocabulary.
 SMALL = dict(vocab_size=32000, hidden_size=512, num_layers=4, num_attention_heads=8, inner_hidden_size=2048,
@@ -108,30 +107,6 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def reset_peak(device: str) -> None:
-    if str(device).startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-        return
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
-def peak_memory(device: str) -> tuple[int, str]:
-    """Peak bytes since :func:`reset_peak`: CUDA max allocated, or the process's peak RSS."""
-    if str(device).startswith("cuda"):
-        return torch.cuda.max_memory_allocated(), "cuda max allocated"
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024, "peak RSS"
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak RSS"
-
-
-
-
 def gpu_peak_flops(device: str) -> float | None:
     if not str(device).startswith("cuda"):
         return None
@@ -171,4 +146,4 @@ def gemm_throughput(tokens: int, threads: int = 2, repeat: int = 3) -> dict:
 
 
 def gib(value: float) -> str:
-    return f"{value / (1 << 30):.2f} GiB"
+    return f"{value / GIB:.2f} GiB"

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from helpers.estimate import GIB, estimate, estimate_generation
+from helpers.estimate import estimate, estimate_generation
+from helpers.run.memory import GIB
 
 from .common import gemm_throughput
 

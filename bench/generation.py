@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from helpers.data import left_pad
+from helpers.tasks import left_pad
 
 from .common import current_rss, gib, peak_memory, random_model, reset_peak, synchronize
 

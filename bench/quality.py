@@ -3,7 +3,7 @@
 ``tune`` chooses learning rates honestly: it carves a validation split out of each task's bundled train file (a
 fifth of its distinct texts, seed 0, so no text is on both sides) and fine-tunes every method at its default
 learning rate times each ``--factors`` on the rest, scoring on the held-out fifth. The test files are never read.
-The chosen rates go into ``helpers.recipe.LEARNING_RATES`` (per task and method; the one place they live).
+The chosen rates go into ``helpers.run.recipe.LEARNING_RATES`` (per task and method; the one place they live).
 
 ``quality`` runs every method with its defaults on every task's test file, for one or more tiny model folders
 (for example the same recipe built with three seeds: ``python -m helpers build-tiny --seed 1 --out ...``), and
@@ -20,12 +20,11 @@ import random
 import statistics
 from pathlib import Path
 
-from helpers.data import TASKS, bundled_path
-from helpers.evaluation import MAIN_METRIC
 from helpers.methods import METHODS
-from helpers.pipeline import run_method
-from helpers.recipe import resolve_recipe
-from helpers.runs import RunRecord
+from helpers.run.pipeline import run_recipe
+from helpers.run.recipe import resolve_recipe
+from helpers.run.record import RunRecord
+from helpers.tasks import MAIN_METRIC, TASKS, bundled_path
 
 VALIDATION_SHARE = 0.2
 VALIDATION_SEED = 0
@@ -55,13 +54,13 @@ def _row(model: str, task: str, method: str, out_dir: Path, metrics: dict, lr: f
     record = RunRecord.load(out_dir)
     main = MAIN_METRIC[task]
     return {"model": model, "task": task, "method": method, "lr": lr, "split": split, "main_metric": main,
-            "steps": record.recipe["training"]["max_steps"],
+            "steps": record.setting("steps"),
             "main": metrics.get(main), "repetition_rate": metrics.get("repetition_rate"),
             "char_f1": metrics.get("char_f1"), "train_s": record.train_runtime_s}
 
 
 def default_lr(model: str, task: str, method: str) -> float:
-    return resolve_recipe(model, method, task).training.learning_rate
+    return resolve_recipe(model, method, task).learning_rate
 
 
 def tune(model: str, tasks: list[str], methods: list[str], factors: list[float], out: Path,
@@ -75,10 +74,10 @@ def tune(model: str, tasks: list[str], methods: list[str], factors: list[float],
             for max_steps in steps:
                 for factor in factors:
                     lr = float(f"{base * factor:.3g}")
-                    training = {"learning_rate": lr} | ({"max_steps": max_steps} if max_steps else {})
                     folder = out / task / (f"{method}-lr{lr:g}" + (f"-steps{max_steps}" if max_steps else ""))
-                    metrics = run_method(model, task, method, folder, training=training, train_file=str(train),
-                                         test_file=str(val))
+                    recipe = resolve_recipe(model, method, task, learning_rate=lr, steps=max_steps,
+                                            train_file=str(train), test_file=str(val))
+                    metrics = run_recipe(recipe, folder)
                     rows.append(_row(model, task, method, folder, metrics, lr, "validation"))
                     print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -93,8 +92,8 @@ def quality(models: list[str], tasks: list[str], methods: list[str], out: Path,
             for task in tasks:
                 for method in methods:
                     folder = out / f"model{index}-seed{seed}" / task / method
-                    metrics = run_method(model, task, method, folder, seed=seed)
-                    lr = RunRecord.load(folder).recipe["training"]["learning_rate"]
+                    metrics = run_recipe(resolve_recipe(model, method, task, seed=seed), folder)
+                    lr = RunRecord.load(folder).setting("learning_rate")
                     rows.append(_row(model, task, method, folder, metrics, lr, "test") | {"seed": seed})
                     print(json.dumps(rows[-1]), flush=True)
     return rows

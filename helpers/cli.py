@@ -1,8 +1,10 @@
-"""Command line: ``python -m helpers compare|train|evaluate|params|estimate|download``.
+"""Command line: ``python -m helpers compare|train|evaluate|params|estimate|download|build-tiny``.
 
-Every option is checked before a model loads. A mistake the user can fix (a bad option, a missing or malformed
-file, a run folder of another recipe) prints one line ``error: ...`` and exits with status 2; ``--debug`` shows
-the traceback instead. Anything else is a bug and keeps its traceback (status 1).
+The run options are the recipe's settings (:mod:`helpers.run.recipe`) and the methods' options
+(:data:`helpers.methods.METHOD_OPTIONS`), built from their declarations: one ``--flag`` per setting, its help and its
+default from the same place the run reads. Every option is checked before a model loads. A mistake the user can fix
+(a bad option, a missing or malformed file, a run folder of another recipe) prints one line ``error: ...`` and exits
+with status 2; ``--debug`` shows the traceback instead. Anything else is a bug and keeps its traceback (status 1).
 """
 
 from __future__ import annotations
@@ -14,133 +16,46 @@ import traceback
 import warnings
 from pathlib import Path
 
-from .data import TASKS
 from .errors import UserError
-from .methods import METHOD_DEFAULTS, METHODS, OPTION_FLAGS
-from .recipe import (
-    BIG_GPU_GIB,
-    LEARNING_RATES,
-    REAL_LEARNING_RATES,
-    REAL_TRAINING,
-    SMALL_GPU_SIZING,
-    TINY_LENGTHS,
-    TINY_STEPS,
-    TINY_TRAINING,
-)
+from .methods import METHOD_DEFAULTS, METHOD_OPTIONS, METHODS
+from .run.recipe import EVALUATION_SETTINGS, FIELDS, add_options, default_help, given_settings
+from .tasks import TASKS
 
 EXIT_USER_ERROR = 2
 
 
-def _defaults(name: str) -> str:
-    """``tiny model: 8; ChatGLM-6B: 4`` for a training setting, from the recipe tables (steps: per task and method)."""
-    tiny = TINY_TRAINING.get(name, "-")
-    if name == "max_steps":
-        tiny = "; ".join(f"{task}: {_rates(steps)}" for task, steps in TINY_STEPS.items())
-    return f"tiny model: {tiny}; ChatGLM-6B: {REAL_TRAINING.get(name, '-')}"
-
-
-def _rates(table: dict) -> str:
-    return ", ".join(f"{method} {rate:g}" for method, rate in table.items())
-
-
 def _add_method_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("method options (defaults: the original course's)")
-    freeze, ptuning, lora = METHOD_DEFAULTS["freeze"], METHOD_DEFAULTS["ptuning_v2"], METHOD_DEFAULTS["lora"]
-    group.add_argument("--layers", type=int,
-                       help=f"freeze: train the last N layers (default {freeze['layers']}, or all of a smaller model)")
-    group.add_argument("--dequantize", action="store_true",
-                       help="freeze: turn those layers' INT4 matrices into trainable fp32 Linear layers")
-    group.add_argument("--pre-seq-len", type=int, help=f"ptuning_v2: prefix length (default {ptuning['pre_seq_len']})")
-    group.add_argument("--no-projection", action="store_true", help="ptuning_v2: no MLP reparametrisation")
-    group.add_argument("--r", type=int, help=f"lora: rank (default {lora['r']})")
-    group.add_argument("--alpha", type=float, help=f"lora: scaling numerator (default {lora['alpha']})")
-    group.add_argument("--lora-dropout", type=float, help=f"lora: dropout (default {lora['dropout']})")
-    group.add_argument("--target-modules",
-                       help=f"lora: comma-separated layer names (default {','.join(lora['target_modules'])})")
+    defaults = {name: value for options in METHOD_DEFAULTS.values() for name, value in options.items()}
+    for name, spec in METHOD_OPTIONS.items():
+        default = defaults[name]
+        shown = ",".join(default) if isinstance(default, (list, tuple)) else default
+        if spec["type"] is bool:  # a switch that turns the default around
+            group.add_argument(spec["flag"], dest=name, action="store_const", const=not default, help=spec["help"])
+        else:
+            group.add_argument(spec["flag"], dest=name, type=spec["type"], help=f"{spec['help']} (default {shown})")
 
 
-def _method_overrides(args: argparse.Namespace, method: str) -> dict:
-    alpha = args.alpha
-    if alpha is not None and float(alpha).is_integer():
-        alpha = int(alpha)
-    chosen = {
-        "freeze": {"layers": args.layers, "dequantize": args.dequantize or None},
-        "ptuning_v2": {"pre_seq_len": args.pre_seq_len, "prefix_projection": False if args.no_projection else None},
-        "lora": {"r": args.r, "alpha": alpha, "dropout": args.lora_dropout,
-                 "target_modules": args.target_modules.split(",") if args.target_modules else None},
-    }
-    for other, options in chosen.items():
-        given = [OPTION_FLAGS[name] for name, value in options.items() if value is not None]
-        if other != method and given:
-            raise UserError(f"{given[0]} is an option of {other}, but this command uses --method {method}; "
-                            f"drop {given[0]} or use --method {other}")
-    return {k: v for k, v in chosen.get(method, {}).items() if v is not None}
+def method_options(args: argparse.Namespace) -> dict:
+    """The method options given on the command line (one of another method is refused when the recipe resolves)."""
+    given = {name: getattr(args, name) for name in METHOD_OPTIONS if getattr(args, name, None) is not None}
+    if isinstance(given.get("alpha"), float) and given["alpha"].is_integer():
+        given["alpha"] = int(given["alpha"])
+    return given
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="tiny", help="'tiny' (embedded), a folder, or a hub name")
+    parser.add_argument("--model", default="tiny", help=FIELDS["model"].metadata["help"])
     parser.add_argument("--task", default="ie", choices=sorted(TASKS))
-    parser.add_argument("--train-file", help="a JSON-lines training file (default: the bundled sample)")
-    parser.add_argument("--test-file", help="a JSON-lines test file (default: the bundled sample)")
-    parser.add_argument("--steps", type=int, help=f"training steps ({_defaults('max_steps')})")
-    small_gpu = f"on a GPU under {BIG_GPU_GIB} GiB"
-    parser.add_argument("--batch-size", type=int, help=f"rows per step and device ({_defaults('batch_size')}; "
-                                                       f"{SMALL_GPU_SIZING['batch_size']} {small_gpu})")
-    tiny_rates = "; ".join(f"{task}: {_rates(rates)}" for task, rates in LEARNING_RATES.items())
-    parser.add_argument("--lr", type=float, help=f"learning rate (tiny model, {tiny_rates}; "
-                                                 f"ChatGLM-6B: {_rates(REAL_LEARNING_RATES)})")
-    accumulation = SMALL_GPU_SIZING["gradient_accumulation_steps"]
-    parser.add_argument("--grad-accum", type=int, help=f"gradient accumulation steps (tiny model: 1, ChatGLM-6B: "
-                                                       f"{REAL_TRAINING['gradient_accumulation_steps']}, or "
-                                                       f"{accumulation} {small_gpu})")
-    parser.add_argument("--warmup-steps", type=int, help=f"learning-rate warm-up ({_defaults('warmup_steps')}, "
-                                                         "at most a fifth of --steps)")
-    parser.add_argument("--save-steps", type=int, help=f"steps between checkpoints ({_defaults('save_steps')})")
-    parser.add_argument("--generated-rows", type=int,
-                        help="ie: also train on N rows recombined from the train file's triples (default 0; "
-                             "helpers/augment.py)")
-    parser.add_argument("--gradient-checkpointing", action="store_true",
-                        help=f"recompute activations in the backward pass (on by default {small_gpu})")
-    parser.add_argument("--deepspeed", help="a DeepSpeed config (configs/deepspeed_zero2.json or _zero3.json)")
-    parser.add_argument("--max-source-length", type=int, help="tokens of prompt and text (default: the task's; "
-                                                              f"{TINY_LENGTHS['max_source_length']} for the tiny "
-                                                              "model)")
-    parser.add_argument("--max-target-length", type=int, help="tokens of the answer in training (default: the "
-                                                              f"task's; {TINY_LENGTHS['max_target_length']} for the "
-                                                              "tiny model)")
-    parser.add_argument("--eval-limit", type=int, help="evaluate on the first N test examples only")
-    parser.add_argument("--max-new-tokens", type=int, help="longest generated answer in evaluation")
-    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--dtype", help="fp32, fp16 or bf16 (default: fp32 on CPU, bf16/fp16 on GPU)")
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--fresh", action="store_true",
-                        help="start over: remove the earlier run in --out instead of resuming or reusing it")
-    parser.add_argument("--reevaluate", action="store_true",
-                        help="a finished run is evaluated again into a new eval-<time>/ subfolder")
-
-
-def _training(args) -> dict:
-    chosen = {"max_steps": args.steps, "batch_size": args.batch_size, "learning_rate": args.lr,
-              "gradient_accumulation_steps": args.grad_accum, "warmup_steps": args.warmup_steps,
-              "save_steps": args.save_steps, "gradient_checkpointing": args.gradient_checkpointing or None,
-              "deepspeed": args.deepspeed, "generated_rows": args.generated_rows}
-    return {k: v for k, v in chosen.items() if v is not None}
-
-
-def _lengths(args) -> dict:
-    return {"max_source_length": args.max_source_length, "max_target_length": args.max_target_length,
-            "max_new_tokens": args.max_new_tokens}
+    add_options(parser, defaults_help=default_help())
 
 
 def cmd_compare(args) -> int:
-    from .pipeline import compare
+    from .run.pipeline import compare
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    summary = compare(
-        model=args.model, task=args.task, methods=methods, out=args.out, training=_training(args),
-        lengths=_lengths(args), train_file=args.train_file, test_file=args.test_file, eval_limit=args.eval_limit,
-        device=args.device, dtype=args.dtype, seed=args.seed, resume=not args.fresh, reevaluate=args.reevaluate,
-    )
+    summary = compare(args.model, args.task, methods, args.out, fresh=args.fresh, reevaluate=args.reevaluate,
+                      **given_settings(args))
     out = Path(summary["out"])
     if "files" not in summary:  # a helper process of a distributed run
         return 0
@@ -152,59 +67,45 @@ def cmd_compare(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .pipeline import run_recipe
-    from .recipe import resolve_recipe
+    from .run.folder import check_out_folder
+    from .run.pipeline import run_recipe
+    from .run.recipe import resolve_recipe
 
-    recipe = resolve_recipe(
-        args.model, args.method, args.task, method_options=_method_overrides(args, args.method),
-        training={**_training(args), "seed": args.seed}, lengths=_lengths(args), eval_limit=args.eval_limit,
-        train_file=args.train_file, test_file=args.test_file, device=args.device, dtype=args.dtype,
-    )
-    metrics = run_recipe(recipe, args.out, resume=not args.fresh, reevaluate=args.reevaluate)
+    check_out_folder(args.out)
+    recipe = resolve_recipe(args.model, args.method, args.task, method_options=method_options(args),
+                            **given_settings(args))
+    metrics = run_recipe(recipe, args.out, fresh=args.fresh, reevaluate=args.reevaluate)
     if metrics:  # empty on the helper processes of a distributed run
         print(json.dumps(metrics, indent=2, ensure_ascii=False))
     return 0
 
 
 def cmd_evaluate(args) -> int:
-    from .recipe import resolve_recipe
+    from .run.folder import check_out_folder
 
-    if args.run:
-        return _evaluate_run(args)
+    settings = given_settings(args)
     if args.out:
-        from .runs import check_out_folder
-
         check_out_folder(args.out, purpose="evaluation")
-    recipe = resolve_recipe(args.model or "tiny", None, args.task or "ie",
-                            lengths={"max_new_tokens": args.max_new_tokens}, eval_limit=args.eval_limit,
-                            test_file=args.test_file, device=args.device, dtype=args.dtype)
-    from .data import load_split
-    from .evaluation import evaluate
-    from .models import load_model
+    if args.run:
+        from .run.artifacts import check_artifact
+        from .run.pipeline import recipe_for_evaluation, reevaluate_run
+        from .run.record import ARTIFACT, RunRecord
 
-    model, tokenizer = load_model(recipe.model, device=recipe.device, dtype=recipe.dtype)
-    examples = load_split(recipe.task, "test", recipe.test_file, limit=recipe.eval_limit)
-    metrics = evaluate(model, tokenizer, recipe.task_spec(), examples, out_dir=args.out, **recipe.evaluation_options())
-    print(json.dumps(metrics, indent=2, ensure_ascii=False))
-    return 0
+        record = RunRecord.load(args.run)
+        if not record.trained:
+            raise UserError(f"{record.summary()}: its training did not finish, so there is nothing to evaluate; run "
+                            "its train command again to resume it")
+        check_artifact(record.folder / ARTIFACT)
+        recipe = recipe_for_evaluation(record, model=args.model, task=args.task, **settings)
+        metrics = reevaluate_run(record, recipe, out_dir=args.out)
+    else:
+        from .models import load_model
+        from .run.evaluation import evaluate_recipe
+        from .run.recipe import resolve_recipe
 
-
-def _evaluate_run(args) -> int:
-    """``evaluate --run R``: check the run's record and artifact, then evaluate into R/eval-<time>/ or --out."""
-    from .pipeline import recipe_for_evaluation, reevaluate_run
-    from .runs import ARTIFACT, RunRecord, artifact_problem
-
-    record = RunRecord.load(args.run)
-    if not record.trained:
-        raise UserError(f"{record.summary()}: its training did not finish, so there is nothing to evaluate; run its "
-                        "train command again to resume it")
-    problem = artifact_problem(record.folder / ARTIFACT)
-    if problem:
-        raise UserError(f"{problem}; the run's artifact is incomplete: train it again with --fresh")
-    recipe = recipe_for_evaluation(record, task=args.task, test_file=args.test_file, eval_limit=args.eval_limit,
-                                   max_new_tokens=args.max_new_tokens, device=args.device, dtype=args.dtype,
-                                   model=args.model)
-    metrics = reevaluate_run(record, recipe, out_dir=args.out)
+        recipe = resolve_recipe(args.model or "tiny", None, args.task or "ie", **settings)
+        model, tokenizer = load_model(recipe.model, device=recipe.device, dtype=recipe.dtype)
+        metrics = evaluate_recipe(model, tokenizer, recipe, args.out, save_metrics=bool(args.out))
     print(json.dumps(metrics, indent=2, ensure_ascii=False))
     return 0
 
@@ -212,43 +113,37 @@ def _evaluate_run(args) -> int:
 def cmd_params(args) -> int:
     from .methods import apply_method
     from .models import meta_model
-    from .recipe import resolve_recipe
+    from .run.recipe import resolve_recipe
 
-    recipe = resolve_recipe(args.model, args.method, method_options=_method_overrides(args, args.method),
-                            device="cpu", check_data=False)
-    setup = apply_method(meta_model(recipe.model), recipe.method, **recipe.method_options)
-    print(setup)
+    recipe = resolve_recipe(args.model, args.method, method_options=method_options(args), device="cpu",
+                            check_data=False)
+    print(apply_method(meta_model(recipe.model), recipe.method, **recipe.method_options))
     return 0
 
 
 def cmd_estimate(args) -> int:
     from .estimate import estimate
-    from .recipe import resolve_recipe
+    from .models import model_config
+    from .run.recipe import resolve_recipe
 
     if args.bs is not None and args.bs < 1:
         raise UserError(f"--bs must be at least 1 (rows per batch), got {args.bs}")
-    recipe = resolve_recipe(
-        args.model, args.method, args.task, method_options=_method_overrides(args, args.method),
-        training={"batch_size": args.bs, "gradient_checkpointing": args.gradient_checkpointing or None},
-        device="cpu", gpu_memory_gib=args.gpu_memory, check_data=False,
-    )
-    seq = args.seq if args.seq is not None else recipe.lengths.max_source_length + recipe.lengths.max_target_length
-    if args.seq is not None:
-        from .models import model_config
-
-        longest = model_config(recipe.model).max_sequence_length
-        if isinstance(seq, bool) or not isinstance(seq, int) or not 1 <= seq <= longest:
-            raise UserError(f"--seq must be a whole number of tokens between 1 and {longest} (the model's "
-                            f"max_sequence_length), got {seq}")
-    result = estimate(recipe.model, recipe.method, seq=seq, batch=recipe.training.batch_size,
-                      gradient_checkpointing=recipe.training.gradient_checkpointing, device=args.device,
-                      **recipe.method_options)
+    recipe = resolve_recipe(args.model, args.method, args.task, method_options=method_options(args),
+                            batch_size=args.bs, gradient_checkpointing=args.gradient_checkpointing, device="cpu",
+                            gpu_memory_gib=args.gpu_memory, check_data=False)
+    seq = args.seq if args.seq is not None else recipe.max_source_length + recipe.max_target_length
+    longest = model_config(recipe.model).max_sequence_length
+    if not 1 <= seq <= longest:
+        raise UserError(f"--seq must be a whole number of tokens between 1 and {longest} (the model's "
+                        f"max_sequence_length), got {seq}")
+    result = estimate(recipe.model, recipe.method, seq=seq, batch=recipe.batch_size,
+                      gradient_checkpointing=recipe.gradient_checkpointing, device=args.device, **recipe.method_options)
     print(result.table())
     return 0
 
 
 def cmd_download(args) -> int:
-    from .data import download, registry
+    from .tasks.download import download, registry
 
     if args.list or not args.name:
         for name, entry in registry().items():
@@ -256,6 +151,13 @@ def cmd_download(args) -> int:
         return 0
     for split, path in download(args.name, args.dir, verify=not args.no_verify).items():
         print(f"{split}: {path}")
+    return 0
+
+
+def cmd_build_tiny(args) -> int:
+    from .tiny import build_from_options
+
+    build_from_options(args)
     return 0
 
 
@@ -269,7 +171,15 @@ def add_compare(commands) -> None:
     _add_run_options(compare)
     compare.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from: " + ", ".join(METHODS))
     compare.add_argument("--out", default="runs/compare", help="output folder (one sub-folder per method)")
+    _add_rerun_options(compare)
     compare.set_defaults(func=cmd_compare)
+
+
+def _add_rerun_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--fresh", action="store_true",
+                        help="start over: remove the earlier run in --out instead of resuming or reusing it")
+    parser.add_argument("--reevaluate", action="store_true",
+                        help="a finished run is evaluated again into a new eval-<time>/ subfolder")
 
 
 def add_train(commands) -> None:
@@ -277,6 +187,7 @@ def add_train(commands) -> None:
     _add_run_options(train)
     train.add_argument("--method", required=True, choices=METHODS)
     train.add_argument("--out", required=True, help="run folder")
+    _add_rerun_options(train)
     _add_method_options(train)
     train.set_defaults(func=cmd_train)
 
@@ -287,13 +198,9 @@ def add_evaluate(commands) -> None:
     evaluate.add_argument("--model", help="the base model to evaluate when no --run is given (default: tiny); with "
                                           "--run: where the run's base model is now, if it moved")
     evaluate.add_argument("--task", choices=sorted(TASKS))
-    evaluate.add_argument("--test-file")
-    evaluate.add_argument("--eval-limit", type=int)
-    evaluate.add_argument("--max-new-tokens", type=int)
     evaluate.add_argument("--out", help="where to write metrics.json and predictions.jsonl (with --run: default "
                                         "a new eval-<time>/ in the run; never the run folder itself)")
-    evaluate.add_argument("--device")
-    evaluate.add_argument("--dtype")
+    add_options(evaluate, (*EVALUATION_SETTINGS, "device", "dtype"), default_help())
     evaluate.set_defaults(func=cmd_evaluate)
 
 
@@ -315,7 +222,7 @@ def add_estimate(commands) -> None:
     estimate.add_argument("--bs", type=int, help="rows per batch (default: what training uses for that GPU)")
     estimate.add_argument("--gpu-memory", type=float, help="size the batch as training would for a GPU of this "
                                                            "many GiB (e.g. 15 for a T4)")
-    estimate.add_argument("--gradient-checkpointing", action="store_true")
+    estimate.add_argument("--gradient-checkpointing", action="store_const", const=True)
     estimate.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
                           help="cuda: GPU memory (fp16 compute, CUDA context); cpu: process memory (fp32 compute)")
     _add_method_options(estimate)
@@ -329,13 +236,6 @@ def add_download(commands) -> None:
     download.add_argument("--list", action="store_true")
     download.add_argument("--no-verify", action="store_true")
     download.set_defaults(func=cmd_download)
-
-
-def cmd_build_tiny(args) -> int:
-    from .tiny import build_from_options
-
-    build_from_options(args)
-    return 0
 
 
 def add_build_tiny(commands) -> None:
@@ -363,7 +263,7 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="python -m helpers", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error (also accepted "
                                                              "after the command)")
     commands = parser.add_subparsers(dest="command", required=True)

@@ -37,8 +37,8 @@ from torch import nn
 from .errors import UserError
 from .methods import METHODS, apply_method
 from .models import meta_model
+from .run.memory import GIB
 
-GIB = 1 << 30
 CUDA_OVERHEAD = int(0.6 * GIB)  # context, cuBLAS workspace, allocator fragmentation
 GPUS = {"T4-16G": 15.0, "A100-40G": 39.5, "H100-80G": 79.0}  # usable GiB
 DEVICES = ("cuda", "cpu")
@@ -187,17 +187,9 @@ def _layers_with_gradient(model: nn.Module, method: str, options: dict) -> int:
     return config.num_layers
 
 
-def estimate(
-    model_name: str = "THUDM/chatglm-6b-int4",
-    method: str = "lora",
-    seq: int = 512,
-    batch: int = 4,
-    gradient_checkpointing: bool = False,
-    compute_bytes: int | None = None,
-    label_fraction: float = 0.5,
-    device: str = "cuda",
-    **method_options,
-) -> MemoryEstimate:
+def estimate(model_name: str = "THUDM/chatglm-6b-int4", method: str = "lora", seq: int = 512, batch: int = 4,
+             gradient_checkpointing: bool = False, compute_bytes: int | None = None, label_fraction: float = 0.5,
+             device: str = "cuda", **method_options) -> MemoryEstimate:
     """Estimate peak training memory of ``method`` on the full-size model (built on ``meta``, nothing loaded).
 
     ``device="cpu"`` predicts the resident memory a CPU run adds to its process (fp32 compute, no CUDA context);
@@ -252,14 +244,8 @@ def estimate(
     )
 
 
-def estimate_generation(
-    model_name: str = "THUDM/chatglm-6b-int4",
-    prompt: int = 32,
-    new_tokens: int = 4,
-    batch: int = 1,
-    device: str = "cuda",
-    compute_bytes: int | None = None,
-) -> GenerationEstimate:
+def estimate_generation(model_name: str = "THUDM/chatglm-6b-int4", prompt: int = 32, new_tokens: int = 4,
+                        batch: int = 1, device: str = "cuda", compute_bytes: int | None = None) -> GenerationEstimate:
     """Estimate the peak memory of a greedy, KV-cached ``generate`` (logits of the last position only)."""
     prompt, new_tokens, batch = (_positive_int(prompt, "prompt"), _positive_int(new_tokens, "new_tokens"),
                                  _positive_int(batch, "batch"))

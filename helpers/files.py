@@ -1,4 +1,4 @@
-"""Writing result files so that an interruption never leaves a half-written one behind.
+"""Where the course's files live, and writing result files so that an interruption never leaves a half-written one.
 
 Result files are readable by everyone (mode 0644), like files written with ``open``.
 """
@@ -10,7 +10,13 @@ import os
 import tempfile
 from pathlib import Path
 
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"  # bundled samples, corpus, reference results, tiny model
 FILE_MODE = 0o644
+
+
+def cache_root() -> Path:
+    """``$CHATGLM_COURSE_CACHE``, else ``~/.cache/chatglm-course`` (downloads, tiny models built from other recipes)."""
+    return Path(os.environ.get("CHATGLM_COURSE_CACHE") or Path.home() / ".cache" / "chatglm-course")
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
@@ -34,8 +40,14 @@ def write_json(path: str | os.PathLike, content) -> Path:
     return write_text(path, json.dumps(content, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
-def read_history(path: str | os.PathLike) -> list[dict]:
-    """The rows of a ``loss_history.jsonl``; a cut-off last line (a run stopped while writing) is ignored."""
+def read_json_lines(path: str | os.PathLike, what: str = "file") -> list[dict]:
+    """The rows of a JSON-lines result file (loss history, predictions); ``[]`` when it does not exist.
+
+    A cut-off last line (a run stopped while writing it) is ignored; a broken line before it is an error naming
+    the file and the line.
+    """
+    from .errors import UserError
+
     path = Path(path)
     if not path.exists():
         return []
@@ -47,6 +59,6 @@ def read_history(path: str | os.PathLike) -> list[dict]:
         except json.JSONDecodeError as error:
             if index == len(lines) - 1:
                 break
-            raise ValueError(f"{path}:{number}: not valid JSON ({error.msg}); only the last line may be cut off") \
-                from error
+            raise UserError(f"{path}:{number}: not valid JSON ({error.msg}); only the last line of a {what} may be "
+                            "cut off") from error
     return rows

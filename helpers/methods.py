@@ -37,16 +37,17 @@ METHOD_DEFAULTS: dict[str, dict] = {
 }
 METHODS = tuple(METHOD_DEFAULTS)
 
-# How the command line spells each option (error messages name both spellings).
-OPTION_FLAGS = {
-    "layers": "--layers",
-    "dequantize": "--dequantize",
-    "pre_seq_len": "--pre-seq-len",
-    "prefix_projection": "--no-projection",
-    "r": "--r",
-    "alpha": "--alpha",
-    "dropout": "--lora-dropout",
-    "target_modules": "--target-modules",
+# How the command line spells and explains each option (its default is in METHOD_DEFAULTS).
+METHOD_OPTIONS = {
+    "layers": {"flag": "--layers", "type": int, "help": "freeze: train the last N layers (capped at the model's)"},
+    "dequantize": {"flag": "--dequantize", "type": bool,
+                   "help": "freeze: turn those layers' INT4 matrices into trainable fp32 Linear layers"},
+    "pre_seq_len": {"flag": "--pre-seq-len", "type": int, "help": "ptuning_v2: prefix length"},
+    "prefix_projection": {"flag": "--no-projection", "type": bool, "help": "ptuning_v2: no MLP reparametrisation"},
+    "r": {"flag": "--r", "type": int, "help": "lora: rank"},
+    "alpha": {"flag": "--alpha", "type": float, "help": "lora: scaling numerator (the update is scaled by alpha / r)"},
+    "dropout": {"flag": "--lora-dropout", "type": float, "help": "lora: dropout"},
+    "target_modules": {"flag": "--target-modules", "type": str, "help": "lora: comma-separated layer names"},
 }
 APPLIED_ATTRIBUTE = "applied_method"  # set on a model once a method is applied to it
 
@@ -77,13 +78,6 @@ def trainable_line(model: nn.Module) -> str:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
-
-
-def trainable_report(model: nn.Module) -> str:
-    """Print and return the trainable-parameter line of ``model``."""
-    line = trainable_line(model)
-    print(line)
-    return line
 
 
 def base_dtype(model: nn.Module) -> torch.dtype:
@@ -125,7 +119,7 @@ def _train_in_fp32(model: nn.Module, names: list[str]) -> list[str]:
     return names
 
 
-def _glm(model: nn.Module):
+def _chatglm_model(model: nn.Module):
     """The ``ChatGLMModel`` inside a causal-LM model (or the model itself)."""
     return getattr(model, "transformer", model)
 
@@ -136,7 +130,7 @@ def _glm(model: nn.Module):
 
 
 def _spelled(name: str) -> str:
-    return f"{name} ({OPTION_FLAGS[name]})" if name in OPTION_FLAGS else name
+    return f"{name} ({METHOD_OPTIONS[name]['flag']})" if name in METHOD_OPTIONS else name
 
 
 @lru_cache(maxsize=1)
@@ -189,7 +183,12 @@ def _check_option_names(method: str, options: dict) -> None:
     unknown = [k for k in options if k not in METHOD_DEFAULTS[method]]
     if unknown:
         valid = ", ".join(_spelled(k) for k in METHOD_DEFAULTS[method]) or "none"
-        raise UserError(f"{method} has no option {unknown[0]!r}; its options are: {valid}")
+        owner = next((m for m, defaults in METHOD_DEFAULTS.items() if unknown[0] in defaults), None)
+        hint = ""
+        if owner is not None:
+            spelling = METHOD_OPTIONS[unknown[0]]["flag"]
+            hint = f" ({spelling} is an option of {owner}: drop it, or use method {owner})"
+        raise UserError(f"{method} has no option {unknown[0]!r}; its options are: {valid}{hint}")
 
 
 def resolve_method_options(method: str, overrides: dict | None, config) -> dict:
@@ -241,13 +240,13 @@ def resolve_method_options(method: str, overrides: dict | None, config) -> dict:
 def applied_method(model: nn.Module) -> str | None:
     """The method already applied to ``model`` (by its mark, a peft wrapper, LoRA layers or a prefix), or None."""
     base = model.get_base_model() if isinstance(model, PeftModel) else model
-    for owner in (model, base, _glm(base)):
+    for owner in (model, base, _chatglm_model(base)):
         mark = getattr(owner, APPLIED_ATTRIBUTE, None)
         if isinstance(mark, str):
             return mark
     if isinstance(model, PeftModel) or any(isinstance(m, BaseTunerLayer) for m in base.modules()):
         return "lora"
-    if getattr(_glm(base), "prefix_encoder", None) is not None:
+    if getattr(_chatglm_model(base), "prefix_encoder", None) is not None:
         return "ptuning_v2"
     return None
 
@@ -260,7 +259,7 @@ def _refuse_second_method(model: nn.Module, method: str) -> None:
 
 
 def _mark(model: nn.Module, method: str) -> None:
-    for owner in (model, _glm(model)):
+    for owner in (model, _chatglm_model(model)):
         setattr(owner, APPLIED_ATTRIBUTE, method)
 
 
@@ -277,8 +276,9 @@ def freeze(model: nn.Module, layers: int | None = None, dequantize: bool | None 
     blocks' quantized matrices into fp32 ``nn.Linear`` layers, so the whole blocks train.
     """
     _refuse_second_method(model, "freeze")
-    options = resolve_method_options("freeze", {"layers": layers, "dequantize": dequantize}, _glm(model).config)
-    blocks = _glm(model).layers
+    options = resolve_method_options("freeze", {"layers": layers, "dequantize": dequantize},
+                                     _chatglm_model(model).config)
+    blocks = _chatglm_model(model).layers
     _freeze_all(model)
     first = len(blocks) - options["layers"]
     if options["dequantize"]:
@@ -306,9 +306,9 @@ def freeze(model: nn.Module, layers: int | None = None, dequantize: bool | None 
 def embedding(model: nn.Module) -> MethodSetup:
     """Train only the word embeddings (shared with the output layer, so both ends of the model move)."""
     _refuse_second_method(model, "embedding")
-    options = resolve_method_options("embedding", None, _glm(model).config)
+    options = resolve_method_options("embedding", None, _chatglm_model(model).config)
     _freeze_all(model)
-    name = next(n for n, p in model.named_parameters() if p is _glm(model).word_embeddings.weight)
+    name = next(n for n, p in model.named_parameters() if p is _chatglm_model(model).word_embeddings.weight)
     _train_in_fp32(model, [name])
     _mark(model, "embedding")
     return MethodSetup(model, "embedding", options, [name])
@@ -320,7 +320,7 @@ def ptuning_v2(model: nn.Module, pre_seq_len: int | None = None, prefix_projecti
     A model built with a prefix (``pre_seq_len`` in its config) and no method applied keeps that prefix and trains
     it, provided the options match it.
     """
-    glm = _glm(model)
+    glm = _chatglm_model(model)
     options = resolve_method_options(
         "ptuning_v2", {"pre_seq_len": pre_seq_len, "prefix_projection": prefix_projection}, glm.config
     )
@@ -342,20 +342,15 @@ def ptuning_v2(model: nn.Module, pre_seq_len: int | None = None, prefix_projecti
     return MethodSetup(model, "ptuning_v2", options, names)
 
 
-def lora(
-    model: nn.Module,
-    r: int | None = None,
-    alpha: float | None = None,
-    dropout: float | None = None,
-    target_modules: Sequence[str] | str | None = None,
-) -> MethodSetup:
+def lora(model: nn.Module, r: int | None = None, alpha: float | None = None, dropout: float | None = None,
+         target_modules: Sequence[str] | str | None = None) -> MethodSetup:
     """Add LoRA adapters (rank ``r``, scaling ``alpha / r``) through peft; only the adapters train.
 
     Defaults come from :data:`METHOD_DEFAULTS`. Returns a setup whose ``model`` is the peft wrapper (``PeftModel``).
     """
     _refuse_second_method(model, "lora")
     given = {"r": r, "alpha": alpha, "dropout": dropout, "target_modules": target_modules}
-    options = resolve_method_options("lora", given, _glm(model).config)
+    options = resolve_method_options("lora", given, _chatglm_model(model).config)
     _freeze_all(model)
     config = lora_config(r=options["r"], lora_alpha=options["alpha"], lora_dropout=options["dropout"],
                          target_modules=tuple(options["target_modules"]))

@@ -37,8 +37,28 @@ CHECKPOINT_FILES = [
 _LOAD_ERRORS = (OSError, ValueError, RuntimeError, EOFError, KeyError, pickle.UnpicklingError, SafetensorError)
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# The compute dtypes a model can load in, by the names the command line and run records use.
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPE_ALIASES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "half": "fp16"}
+
+
+def parse_device(device: torch.device | str | None) -> torch.device:
+    """``device`` as a torch device (default: the GPU when there is one); a bad or absent one is a UserError."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UserError(f"device (--device) {device!r} is not a device; use cpu or cuda (cuda:1 for the second GPU)") \
+            from None
+    if parsed.type not in ("cpu", "cuda"):
+        raise UserError(f"device (--device) {device!r}: the course runs on cpu or cuda")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device (--device) {device!r}: no CUDA GPU is visible here; use --device cpu")
+        if (parsed.index or 0) >= torch.cuda.device_count():
+            raise UserError(f"device (--device) {device!r}: there are only {torch.cuda.device_count()} GPU(s)")
+    return parsed
 
 
 def default_dtype(device: torch.device | str) -> torch.dtype:
@@ -49,14 +69,16 @@ def default_dtype(device: torch.device | str) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
 
 
-def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    names = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-             "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-    if dtype not in names:
-        raise UserError(f"unknown dtype (--dtype) {dtype!r}; use one of {', '.join(names)}")
-    return names[dtype]
+def dtype_name(dtype: torch.dtype | str | None, device: torch.device | str = "cpu") -> str:
+    """The name (``fp32``, ``fp16``, ``bf16``) of ``dtype``; ``None`` gives the device's default."""
+    if dtype is None:
+        dtype = default_dtype(device)
+    if isinstance(dtype, torch.dtype):
+        return next(name for name, value in DTYPES.items() if value == dtype)
+    name = DTYPE_ALIASES.get(str(dtype).lower(), str(dtype).lower())
+    if name not in DTYPES:
+        raise UserError(f"dtype (--dtype) {dtype!r} is unknown; use one of {', '.join(DTYPES)}")
+    return name
 
 
 TOKENIZER_FILES = ("tokenizer_config.json", VOCAB_FILES_NAMES["vocab_file"])
@@ -188,18 +210,6 @@ def _config_from(path: Path) -> ChatGLMConfig:
         raise UserError(f"{path}: not a usable ChatGLM configuration ({error})") from error
 
 
-def _parse_device(device: torch.device | str | None) -> torch.device:
-    if device is None:
-        return default_device()
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as error:
-        raise UserError(f"unknown device (--device) {device!r}; use cpu or cuda (cuda:0, ...)") from error
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device (--device) {device} asked for, but no CUDA GPU is available; use cpu")
-    return device
-
-
 def resolve_checkpoint(name_or_path: str) -> Path:
     """A local folder holding the checkpoint: ``"tiny"``, an existing folder, or a hub name (downloaded).
 
@@ -247,12 +257,8 @@ def _load_error(folder: Path, what: str, error: Exception) -> UserError:
                      "if the folder was copied or downloaded only partly, download it again")
 
 
-def load_model(
-    name_or_path: str = "tiny",
-    quantization_bit: int | None = None,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | str | None = None,
-):
+def load_model(name_or_path: str = "tiny", quantization_bit: int | None = None,
+               device: torch.device | str | None = None, dtype: torch.dtype | str | None = None):
     """(model, tokenizer) in eval mode: the embedded ``"tiny"`` model, a local folder or a hub name.
 
     ``quantization_bit`` (4 or 8) quantizes a floating checkpoint after loading (on the target device, one
@@ -261,8 +267,8 @@ def load_model(
     """
     if quantization_bit not in (None, 0, 4, 8):
         raise UserError(f"quantization_bit must be 4 or 8 (or left out), got {quantization_bit!r}")
-    device = _parse_device(device)
-    dtype = _parse_dtype(dtype) or default_dtype(device)
+    device = parse_device(device)
+    dtype = DTYPES[dtype_name(dtype, device)]
     folder = resolve_checkpoint(name_or_path)
     load_kwargs = {"dtype": dtype}
     if device.type == "cuda":
@@ -298,14 +304,16 @@ def load_model(
 
 
 def is_small_model(model) -> bool:
-    """Whether ``model`` (``"tiny"``, a checkpoint folder, or a loaded model) is a small stand-in, not ChatGLM-6B."""
+    """Whether ``model`` (``"tiny"``, a checkpoint folder, a config or a loaded model) is a small stand-in, not
+    ChatGLM-6B: the one rule that picks the tiny model's defaults."""
     if isinstance(model, (str, Path)):
         if str(model) == "tiny":
             return True
         config = Path(model).expanduser() / "config.json"
         return config.is_file() and json.loads(config.read_text(encoding="utf-8")).get("hidden_size", 0) < 1024
-    config = getattr(model, "config", None) or model.get_base_model().config
-    return config.hidden_size < 1024
+    if not isinstance(model, ChatGLMConfig):
+        model = getattr(model, "config", None) or model.get_base_model().config
+    return model.hidden_size < 1024
 
 
 def meta_model(name: str = "THUDM/chatglm-6b-int4", **config_overrides) -> ChatGLMForConditionalGeneration:

@@ -1,8 +1,8 @@
 """Compare runs: loss curves side by side, a table, and bars of cost and quality.
 
-Runs are read by :mod:`helpers.runs` (``load_runs``, re-exported here): ``run.json`` (what was trained and what
-it cost), ``loss_history.jsonl`` (one line per logging step) and, once evaluated, ``metrics.json``. Tables and
-the comparison figure show finished runs only; an unfinished or failed one is left out with a printed note.
+Figures and tables read :class:`~helpers.run.record.Run` objects (``helpers.load_runs``): the run record (what was
+trained and what it cost), the loss history and, once evaluated, the test metrics. Tables and the comparison
+figure show finished runs only; an unfinished or failed one is left out with a printed note.
 Figures are returned, not shown, so a notebook displays one by leaving it as the last expression of a cell (or
 with ``display(fig)``).
 """
@@ -17,12 +17,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .errors import UserError
 from .files import write_text
-from .runs import Run, finished_runs, load_run, load_runs
-
-__all__ = ["Run", "load_run", "load_runs", "plot_loss_curves", "plot_comparison", "comparison_rows",
-           "comparison_markdown", "write_comparison", "smooth", "load_reference_curves", "plot_reference_curves",
-           "published_results", "published_markdown", "reference_info"]
+from .reference import load_reference_curves, reference_info
+from .run.memory import MIB
+from .run.record import Run, finished_runs
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -35,7 +34,6 @@ KEY_METRICS = {
     "gen": ("bleu", "rouge_l", "distinct_1", "distinct_2", "duplicate_rate"),
     "cls": ("accuracy", "macro_f1", "invalid_rate", "rank_accuracy", "rank_macro_f1"),
 }
-MIB = 1 << 20
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -81,8 +79,7 @@ def _new_figure(rows: int, cols: int, size: tuple[float, float]):
     return fig, axes
 
 
-def plot_loss_curves(
-    runs: Sequence[Run], ax: Axes | None = None, smooth_weight: float = 0.9, title: str | None = None
+def plot_loss_curves(runs: Sequence[Run], ax: Axes | None = None, smooth_weight: float = 0.9, title: str | None = None
 ) -> Figure:
     """Training loss against step for every run: faint raw curve, solid smoothed curve, one color per method."""
     if ax is None:
@@ -122,10 +119,10 @@ def comparison_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
     """One row per finished run: what was trained, its main and key metrics, and what it cost (missing: None)."""
     rows = []
     for run in finished_runs(runs):
-        info, metrics = run.info, run.metrics
+        record, metrics = run.record, run.metrics
         main = metrics.get("main_metric")
         row: dict[str, Any] = {
-            "name": run.name, "method": run.method, "task": run.task, "status": info.get("status"),
+            "name": run.name, "method": run.method, "task": run.task, "status": record.status,
             "main_metric": main, "main_value": _number(metrics.get(main)) if main else None,
         }
         for key in KEY_METRICS.get(run.task, ()):
@@ -134,15 +131,15 @@ def comparison_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
         for key in ("perplexity_before", "perplexity_after"):
             if key in metrics:
                 row[key] = _number(metrics[key])
-        trainable, total = info.get("trainable_params"), info.get("all_params")
-        peak = _number(info.get("peak_memory_bytes"))
+        trainable, total = record.trainable_params, record.all_params
+        peak = _number(record.peak_memory_bytes)
         losses = [row_["loss"] for row_ in run.history if _number(row_.get("loss")) is not None]
-        final_loss = _number(info.get("final_loss"))
+        final_loss = _number(record.final_loss)
         row.update(
             trainable_params=trainable,
             trainable_pct=100 * trainable / total if trainable is not None and total else None,
             peak_memory_mb=peak / MIB if peak is not None else None,
-            train_runtime_s=_number(info.get("train_runtime_s")),
+            train_runtime_s=_number(record.train_runtime_s),
             final_loss=final_loss if final_loss is not None else (float(losses[-1]) if losses else None),
         )
         rows.append(row)
@@ -214,8 +211,7 @@ def _labels(values: Sequence[float]) -> list[str]:
     return [f"{v:.3g}" for v in values]
 
 
-def _bars(
-    ax: Axes, runs: Sequence[Run], values: Sequence[float | None], title: str, ylabel: str, log: bool = False
+def _bars(ax: Axes, runs: Sequence[Run], values: Sequence[float | None], title: str, ylabel: str, log: bool = False
 ) -> None:
     """One bar per run that has a value; a note in the panel when none has."""
     kept = [(label, color, value) for label, color, value in zip(run_labels(runs), _colors(runs), values)
@@ -274,11 +270,11 @@ def _perplexity_panel(ax: Axes, runs: Sequence[Run]) -> None:
 
 def _memory_panel(ax: Axes, runs: Sequence[Run], rows: Sequence[dict]) -> None:
     """Peak memory per run, with the part already in use when training started drawn lighter."""
-    kinds = sorted({str(run.info.get("peak_memory_kind")) for run in runs if run.info.get("peak_memory_kind")})
+    kinds = sorted({run.record.peak_memory_kind for run in runs if run.record.peak_memory_kind})
     _bars(ax, runs, [row["peak_memory_mb"] for row in rows], "Peak memory while training (light: at start)",
           f"MiB ({', '.join(kinds)})" if kinds else "MiB")
-    starts = [(i, _number(run.info.get("memory_at_start_bytes"))) for i, run in enumerate(runs)
-              if _number(run.info.get("peak_memory_bytes")) is not None]
+    starts = [(i, _number(run.record.memory_at_start_bytes)) for i, run in enumerate(runs)
+              if _number(run.record.peak_memory_bytes) is not None]
     for position, (_, start) in enumerate(starts):
         if start is not None:
             ax.bar(position, start / MIB, color="white", alpha=0.45, width=0.8)
@@ -320,52 +316,8 @@ def write_comparison(runs: Sequence[Run], out_dir: str | os.PathLike) -> dict[st
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The original courses' published results (data/reference/, described in its README.md)
+# The original course's curves next to the learner's
 # ----------------------------------------------------------------------------------------------------------
-
-
-def _reference_file(name: str) -> Path:
-    from .paths import DATA_DIR
-
-    return DATA_DIR / "reference" / name
-
-
-def reference_info() -> dict[str, Any]:
-    """``data/reference/curves.json``: the source of the original INT4 course's loss curves and their settings."""
-    return json.loads(_reference_file("curves.json").read_text(encoding="utf-8"))
-
-
-def load_reference_curves(methods: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
-    """The original INT4 course's loss curves: ``{method: {"steps", "losses", "wall_times", "label", "info"}}``.
-
-    ``methods`` picks some of ``freeze``, ``embedding``, ``ptuning_v2`` (default: all three, in that order).
-    ``label`` names the runs ("original course, real model (Colab A100-40G)"); ``info`` is the method's entry of
-    ``curves.json`` (file, source file, what trained).
-    """
-    import csv
-
-    from .errors import UserError
-
-    info = reference_info()
-    available = list(info["curves"])
-    wanted = available if methods is None else [methods] if isinstance(methods, str) else list(methods)
-    unknown = [m for m in wanted if m not in available]
-    if unknown:
-        raise UserError(f"no reference curve for {', '.join(unknown)} (methods=...): the original course published "
-                        f"curves for {', '.join(available)} only")
-    curves = {}
-    for method in wanted:
-        entry = info["curves"][method]
-        with _reference_file(entry["file"]).open(encoding="utf-8", newline="") as handle:
-            rows = list(csv.DictReader(handle))
-        curves[method] = {
-            "steps": [int(float(row["Step"])) for row in rows],
-            "losses": [float(row["Value"]) for row in rows],
-            "wall_times": [float(row["Wall time"]) for row in rows],
-            "label": info["label"],
-            "info": entry,
-        }
-    return curves
 
 
 def _learner_curves(runs: Any) -> list[tuple[str, str, list[float], list[float]]]:
@@ -391,14 +343,8 @@ def _learner_curves(runs: Any) -> list[tuple[str, str, list[float], list[float]]
     return curves
 
 
-def plot_reference_curves(
-    runs: Any = None,
-    methods: Sequence[str] | None = None,
-    ax: Axes | None = None,
-    smooth_weight: float = 0.9,
-    x: str = "fraction",
-    title: str | None = None,
-) -> Figure:
+def plot_reference_curves(runs: Any = None, methods: Sequence[str] | None = None, ax: Axes | None = None,
+                          smooth_weight: float = 0.9, x: str = "fraction", title: str | None = None) -> Figure:
     """The original INT4 course's loss curves (dashed) next to your runs (solid), on the same axes.
 
     ``runs``: :class:`Run` objects (from :func:`load_runs`) or ``(label, steps, losses)`` tuples. ``methods``: the
@@ -408,8 +354,6 @@ def plot_reference_curves(
     legend; ``x="step"`` draws raw steps on a log axis instead. Different models and vocabularies: compare the
     shapes of the curves, not their levels.
     """
-    from .errors import UserError
-
     if x not in ("fraction", "step"):
         raise UserError(f"x={x!r}: use 'fraction' (each run's share of its own training) or 'step' (log axis)")
     learner = _learner_curves(runs)
@@ -446,29 +390,3 @@ def plot_reference_curves(
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     return ax.figure
-
-
-def published_results() -> dict[str, Any]:
-    """``data/reference/published.json``: the published comparison of four methods on ChatGLM-6B, with its source."""
-    return json.loads(_reference_file("published.json").read_text(encoding="utf-8"))
-
-
-def published_markdown(methods: Sequence[str] | str | None = None) -> str:
-    """The published comparison as a Markdown table, with its source and how far to trust small differences.
-
-    ``methods`` keeps the rows whose ``course_method`` is one of them (e.g. ``"ptuning_v2"``: both prefix rows).
-    """
-    table = published_results()
-    wanted = [methods] if isinstance(methods, str) else methods
-    lines = ["| method (their name) | what trains | trainable share | GPU memory | train time | IE F1 | "
-             f"D2Q score (base {table['d2q_base_model_score']}) |", "|---|---|---|---|---|---|---|"]
-    for row in table["rows"]:
-        if wanted is not None and row["course_method"] not in wanted:
-            continue
-        share = row["trainable_share_pct"]
-        lines.append(f"| {row['method']} | {row['what_trains']} | {share:g}% | {row['gpu_memory_gb']} GB | "
-                     f"{row['train_minutes']} min | {row['ie_f1']:.4f} | {row['d2q_score']} |")
-    lines.append("")
-    lines.append(f"Source: [{table['repository']} README]({table['source']}) ({table['revision']}); "
-                 f"{table['model']}; {table['training']}. {table['noise']}.")
-    return "\n".join(lines) + "\n"

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from bench.quality import _text_of, format_table, validation_split
-from helpers.data import bundled_path
+from helpers.tasks import bundled_path
 
 
 @pytest.mark.parametrize("task", ["ie", "gen", "cls"])

@@ -7,7 +7,7 @@ import torch
 
 from helpers.methods import lora
 from helpers.models import load_model
-from helpers.training import train
+from helpers.run.training import train
 
 
 def rows(tokenizer, count: int = 16, length: int = 12) -> list[dict]:
@@ -32,7 +32,7 @@ def main() -> None:
     torch.manual_seed(0)
     model, tokenizer = load_model(args.model)
     setup = lora(model, r=4, dropout=0.0)
-    train(setup, tokenizer, rows(tokenizer), args.out, max_steps=args.steps, batch_size=args.batch_size,
+    train(setup, tokenizer, rows(tokenizer), args.out, steps=args.steps, batch_size=args.batch_size,
           learning_rate=1e-2, save_steps=100, progress=False)
 
 

@@ -2,10 +2,11 @@
 
 import pytest
 
-from helpers.augment import generated_ie_examples, with_generated_rows
-from helpers.data import Example, load_split
 from helpers.errors import UserError
-from helpers.recipe import resolve_recipe
+from helpers.run.pipeline import training_rows
+from helpers.run.recipe import resolve_recipe
+from helpers.tasks import Example, load_split
+from helpers.tasks.augment import generated_ie_examples, with_generated_rows
 
 
 def spans_by_relation(examples):
@@ -63,12 +64,12 @@ def test_only_ie_rows_are_added_and_nothing_without_fault_triples():
 
 def test_generated_rows_are_off_by_default_recorded_and_refused_outside_ie(tiny_checkpoint):
     """Off by default: on the validation split they did not help (bench/RESULTS.md)."""
-    assert resolve_recipe(str(tiny_checkpoint), "lora", "ie", device="cpu").training.generated_rows == 0
-    on = resolve_recipe(str(tiny_checkpoint), "lora", "ie", device="cpu", training={"generated_rows": 50})
-    assert on.training.generated_rows == 50
-    assert on.to_dict()["training"]["generated_rows"] == 50  # recorded in run.json
-    assert "generated_rows" not in on.training.as_options()  # not an option of helpers.train
+    assert resolve_recipe(str(tiny_checkpoint), "lora", "ie", device="cpu").generated_rows == 0
+    on = resolve_recipe(str(tiny_checkpoint), "lora", "ie", device="cpu", generated_rows=50)
+    assert on.generated_rows == 50
+    assert on.to_dict()["generated_rows"] == 50  # recorded in run.json
+    assert len(training_rows(on)) == len(load_split("ie", "train")) + 50  # what the run trains on
     with pytest.raises(UserError, match="only applies to the ie task"):
-        resolve_recipe(str(tiny_checkpoint), "lora", "cls", device="cpu", training={"generated_rows": 10})
+        resolve_recipe(str(tiny_checkpoint), "lora", "cls", device="cpu", generated_rows=10)
     with pytest.raises(UserError, match="--generated-rows"):
-        resolve_recipe(str(tiny_checkpoint), "lora", "ie", device="cpu", training={"generated_rows": -1})
+        resolve_recipe(str(tiny_checkpoint), "lora", "ie", device="cpu", generated_rows=-1)

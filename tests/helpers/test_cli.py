@@ -11,8 +11,8 @@ import pytest
 
 from helpers import cli
 from helpers.cli import main
-from helpers.recipe import LEARNING_RATES
-from helpers.runs import RunRecord
+from helpers.run.recipe import LEARNING_RATES
+from helpers.run.record import RunRecord
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -69,7 +69,7 @@ def test_train_then_evaluate_a_run_folder(tiny_checkpoint, tmp_path, capsys):
                  "--pre-seq-len", "4", "--no-projection", "--steps", "2", "--batch-size", "2", "--eval-limit", "2",
                  "--max-new-tokens", "4", "--out", str(run)]) == 0
     info = json.loads((run / "run.json").read_text())
-    assert info["method_options"] == {"pre_seq_len": 4, "prefix_projection": False}
+    assert info["recipe"]["method_options"] == {"pre_seq_len": 4, "prefix_projection": False}
     capsys.readouterr()
     assert main(["evaluate", "--run", str(run), "--eval-limit", "2", "--max-new-tokens", "4",
                  "--out", str(tmp_path / "again")]) == 0
@@ -151,9 +151,9 @@ def test_evaluate_run_checks_status_and_artifact_first(trained, tmp_path, capsys
 ])
 def test_bad_options_exit_2_with_one_line_before_anything_loads(tiny_checkpoint, tmp_path, monkeypatch, capsys,
                                                                 extra, named):
-    import helpers.pipeline
+    import helpers.run.pipeline
 
-    monkeypatch.setattr(helpers.pipeline, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(helpers.run.pipeline, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     monkeypatch.chdir(tmp_path)
     assert main(train_args(tiny_checkpoint, tmp_path / "run", *extra)) == 2
     assert named in error_line(capsys)
@@ -194,9 +194,9 @@ def test_warnings_print_as_one_line_and_the_format_is_restored(monkeypatch):
 @pytest.mark.parametrize("place", ["a_file", "a_project"])
 def test_out_that_is_a_file_or_another_folder_is_refused_before_anything_loads(tiny_checkpoint, tmp_path,
                                                                                monkeypatch, capsys, place):
-    import helpers.pipeline
+    import helpers.run.pipeline
 
-    monkeypatch.setattr(helpers.pipeline, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(helpers.run.pipeline, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     (tmp_path / "a_file").write_text("keep me")
     (tmp_path / "a_project").mkdir()
     (tmp_path / "a_project" / "pyproject.toml").write_text("keep me")
@@ -315,3 +315,26 @@ def test_build_tiny_never_replaces_a_folder_that_is_no_tiny_model(tmp_path, caps
     assert (tmp_path / "notes.txt").read_text(encoding="utf-8") == "mine"
     assert main(["build-tiny", "--steps", "0", "--out", str(tmp_path / "new")]) == 2
     assert "--steps" in error_line(capsys) and not (tmp_path / "new").exists()
+
+
+def test_lr_and_out_are_checked_before_the_model_folder(tmp_path, capsys):
+    """A bad --lr or --out is named even when --model is broken too: no model lookup is needed to see it."""
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (tmp_path / "a_file").write_text("keep me")
+    assert main(train_args(broken, tmp_path / "run", "--lr", "-1")) == 2
+    assert "learning_rate (--lr) must be a finite number above 0" in error_line(capsys)
+    assert main(train_args(broken, tmp_path / "a_file")) == 2
+    assert error_line(capsys).startswith(f"error: --out {tmp_path / 'a_file'}: is a file")
+    assert main(["compare", "--model", str(broken), "--lr", "7", "--out", str(tmp_path / "c")]) == 2
+    assert "--lr" in error_line(capsys)
+
+
+def test_help_lists_every_setting_with_its_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag in ("--steps", "--lr", "--batch-size", "--grad-accum", "--eval-batch-size", "--max-new-tokens",
+                 "--r", "--no-projection", "--layers"):
+        assert flag in text
+    assert "ChatGLM-6B: 200" in text and "tiny model: 8" in text  # the defaults, from the recipe's tables

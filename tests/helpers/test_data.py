@@ -7,9 +7,11 @@ import warnings
 import pytest
 import torch
 
-from helpers import data
-from helpers.data import DataError, EncodedDataset, Example, encode_example, get_task, load_split, read_examples
+from helpers import tasks as data
 from helpers.errors import UserError
+from helpers.tasks import DataError, EncodedDataset, Example, download, encode_example, get_task, load_split, tokens
+from helpers.tasks import rows as row_files
+from helpers.tasks.rows import read_examples
 from tests.conftest import SHARED, require_shared
 
 PUBLIC_ROWS = {  # file -> (task, rows)
@@ -30,12 +32,12 @@ def test_every_public_row_parses(name):
     assert len(examples) == rows
     assert all(e.text.strip() for e in examples)
     if task == "cls":
-        assert {e.answer for e in examples} <= set(data.CLS_NAMES)
+        assert {e.answer for e in examples} <= set(row_files.CLS_NAMES)
 
 
 def test_public_label_file_matches_the_bundled_one():
     path = require_shared(SHARED / "data" / "cls" / "tnews_labels.json")
-    assert data.read_labels(path) == data.CLS_LABELS
+    assert row_files.read_labels(path) == row_files.CLS_LABELS
 
 
 @pytest.mark.parametrize("task", ["ie", "gen", "cls"])
@@ -79,7 +81,7 @@ def test_user_field_mapping(tmp_path):
         ("gen", ['{"text": "a"}'], r"bad\.jsonl:1: missing field 'answer'"),
         ("gen", ['{"text": "a", "answer": "  "}'], r"bad\.jsonl:1: field 'answer' is empty"),
         ("gen", ['{"text": "", "answer": "b"}'], r"bad\.jsonl:1: field 'text' is empty"),
-        ("gen", ['{"text": 3, "answer": "b"}'], r"bad\.jsonl:1: field 'text' must be str"),
+        ("gen", ['{"text": 3, "answer": "b"}'], r"bad\.jsonl:1: field 'text' must be a text, got a number \(3\)"),
         ("gen", ["[1, 2]"], r"bad\.jsonl:1: expected a JSON object per line, got list; the file is one JSON array"),
         ("gen", ["[", '  {"text": "a", "answer": "b"}', "]"], r"bad\.jsonl:1: not valid JSON .* pretty-printed JSON"),
         ("gen", ['{"doc": "a", "q": "b"}'], r"bad\.jsonl:1: missing field 'text' \(fields present: doc, q\); "
@@ -88,7 +90,10 @@ def test_user_field_mapping(tmp_path):
         ("gen", ['{"sentence": "标题", "label": 103}'], r"bad\.jsonl:1: a TNEWS classification row .* --task cls"),
         ("cls", ['{"text": "标题", "answer": "天气"}'], r"bad\.jsonl:1: unknown label '天气' in field 'answer'"),
         ("cls", ['{"text": "标题", "answer": []}'], r"bad\.jsonl:1: field 'answer' is empty"),
-        ("gen", ['{"text": "a", "answer": ["b", 3]}'], r"bad\.jsonl:1: field 'answer' must be a text or a list"),
+        ("gen", ['{"text": "a", "answer": ["b", 3]}'], r"bad\.jsonl:1: field 'answer' must be a text or a list of "
+                                                          r"texts, got a list holding a number \(3\)"),
+        ("gen", ['{"text": "a", "answer": {"q": "b"}}'], r"bad\.jsonl:1: field 'answer' must be a text or a list, got "
+                                                         r"an object"),
         ("cls", ['{"sentence": "标题", "label": 105}'], r"bad\.jsonl:1: unknown label 105"),
         ("cls", ['{"sentence": "标题"}'], r"bad\.jsonl:1: missing field 'label'"),
         ("ie", ['{"text": "t", "answer": "发动机-异响"}'], r"bad\.jsonl:1: .* is not a triple"),
@@ -177,7 +182,7 @@ def test_collator_right_pads_and_left_pad_for_generation():
 
 
 def test_registry_entries_are_complete():
-    for name, entry in data.registry().items():
+    for name, entry in download.registry().items():
         assert entry["task"] in data.TASKS
         assert set(entry["files"]) == {"train", "test"}
         for spec in entry["files"].values():
@@ -190,29 +195,29 @@ def test_download_verifies_and_never_leaves_partial_files(tmp_path, monkeypatch)
     digest = hashlib.sha256(source.read_bytes()).hexdigest()
     entry = {"task": "gen", "files": {"train": {"url": source.as_uri(), "filename": "t.jsonl", "rows": 1,
                                                 "sha256": digest}}}
-    monkeypatch.setattr(data, "registry", lambda: {"toy": entry})
-    paths = data.download("toy", tmp_path / "out")
+    monkeypatch.setattr(download, "registry", lambda: {"toy": entry})
+    paths = download.download("toy", tmp_path / "out")
     assert paths["train"].read_bytes() == source.read_bytes()
     entry["files"]["train"].update(filename="u.jsonl", sha256="0" * 64)
     with pytest.raises(DataError, match="differs from the file this course was tested with"):
-        data.download("toy", tmp_path / "out")
+        download.download("toy", tmp_path / "out")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["t.jsonl"]  # nothing half-written
-    assert data.download("toy", tmp_path / "out", verify=False)["train"].exists()
+    assert download.download("toy", tmp_path / "out", verify=False)["train"].exists()
     with pytest.raises(ValueError, match="unknown dataset"):
-        data.download("nope")
+        download.download("nope")
 
 
 def test_download_names_an_unreachable_source_and_a_dir_that_is_a_file(tmp_path, monkeypatch):
     missing = (tmp_path / "nowhere.jsonl").as_uri()  # urlopen raises URLError, as for no network
     entry = {"task": "gen", "files": {"train": {"url": missing, "filename": "t.jsonl", "rows": 1}}}
-    monkeypatch.setattr(data, "registry", lambda: {"toy": entry})
+    monkeypatch.setattr(download, "registry", lambda: {"toy": entry})
     with pytest.raises(UserError, match=rf"^{missing}: download failed \(.*\); check the internet connection and run "
                                         rf"it again, or save the file by hand as .*t.jsonl$"):
-        data.download("toy", tmp_path / "out")
+        download.download("toy", tmp_path / "out")
     assert list((tmp_path / "out").iterdir()) == []  # no half-written file
     (tmp_path / "a_file").write_text("keep me")
     with pytest.raises(UserError, match=r"^--dir .*a_file: is a file, not a folder"):
-        data.download("toy", tmp_path / "a_file")
+        download.download("toy", tmp_path / "a_file")
     assert (tmp_path / "a_file").read_text() == "keep me"
 
 
@@ -235,7 +240,7 @@ def test_every_layout_is_read_for_every_task(tmp_path, task, layout):
     path.write_text(json.dumps(LAYOUTS[layout](task), ensure_ascii=False) + "\n", encoding="utf-8")
     (example,) = read_examples(path, task)
     assert (example.text, example.answer) == (TEXTS[task], ANSWERS[task])
-    assert data.check_task_file(task, path) == 1
+    assert data.check_file(task, path, "train", "train_file") == str(path.resolve())
 
 
 @pytest.mark.parametrize("row", [
@@ -281,16 +286,16 @@ def test_a_csv_file_is_named_as_such(tmp_path):
 def test_data_errors_are_user_errors_and_files_are_checked(tmp_path):
     assert issubclass(DataError, UserError)
     with pytest.raises(UserError, match="missing.jsonl: no such file"):
-        data.check_task_file("ie", tmp_path / "missing.jsonl")
+        data.check_file("ie", tmp_path / "missing.jsonl", "train", "train_file (--train-file)")
     with pytest.raises(UserError, match="is a folder"):
-        data.check_task_file("ie", tmp_path)
+        data.check_file("ie", tmp_path, "train", "train_file (--train-file)")
     empty = tmp_path / "empty.jsonl"
     empty.write_bytes(b"")
     with pytest.raises(UserError, match="empty.jsonl: no rows found; the file is empty"):
-        data.check_task_file("ie", empty, "test")
-    assert data.check_task_file("gen", None, "test") == len(load_split("gen", "test"))
+        data.check_file("ie", empty, "test", "test_file (--test-file)")
+    assert data.check_file("gen", None, "test", "test_file (--test-file)") is None  # the bundled file, checked
     with pytest.raises(UserError, match=r"unknown task 'qa' \(--task\)"):
-        data.check_task_file("qa", None)
+        data.check_file("qa", None, "train", "train_file (--train-file)")
 
 
 @pytest.mark.parametrize("limit", [-1, 0, 1.5, True])
@@ -334,7 +339,7 @@ def test_prompts_for_generation_warn_once_about_cut_texts(small_tokenizer):
     limit = len(small_tokenizer.tokenize(task.prompt)) + 8
     texts = ["发动机异响。" * 30, "动。", "刹车失灵，方向盘抖动，仪表盘报警。" * 5]  # the second fits in 8 tokens
     with pytest.warns(UserWarning) as caught:
-        prompts = data.encode_prompts(small_tokenizer, task, texts, max_source_length=limit)
+        prompts = tokens.encode_prompts(small_tokenizer, task, texts, max_source_length=limit)
     assert len(caught) == 1 and f"of 3 texts to answer, cut 2 to {limit} tokens" in str(caught[0].message)
     assert prompts == [data.prompt_ids(small_tokenizer, task, t, limit) for t in texts]
 
@@ -346,7 +351,8 @@ def test_test_labels_unseen_in_training_give_one_warning(tmp_path):
                     + "\n" + json.dumps({"sentence": "c", "label": "news_finance"}) + "\n" +
                     json.dumps({"sentence": "d", "label": 109}) + "\n")
     with pytest.warns(UserWarning) as caught:
-        assert data.check_task_files("cls", train, test) == {"train": 3, "test": 4}
+        assert data.warn_unseen_labels(load_split("cls", "train", train), load_split("cls", "test", test)) == [
+            "财经", "科技"]
     assert len(caught) == 1
     message = str(caught[0].message)
     assert message.startswith("3 of 4 test examples have labels that no training example has: 财经, 科技")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers.files import read_history
+from helpers.files import read_json_lines as read_history
 
 SCRIPT = Path(__file__).with_name("ddp_train.py")
 REPO = Path(__file__).resolve().parents[2]

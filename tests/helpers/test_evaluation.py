@@ -8,9 +8,10 @@ import math
 import pytest
 import torch
 
-from helpers import data
-from helpers import evaluation as ev
-from helpers.data import Example
+from helpers import tasks as data
+from helpers.run import evaluation as ev
+from helpers.tasks import Example
+from helpers.tasks import metrics as task_metrics
 from tests.conftest import model_for
 
 TEXTS = ["故障现象：发动机冷车启动", "空调制冷时好时坏，高速行驶时出风口温度明显升高。", "刹车", "左前大灯时亮时不亮"]
@@ -38,7 +39,7 @@ def test_ie_scores_micro_and_original_per_sample_convention():
         "p_组成_q\n坏行",  # a hit and a malformed line
     ]
     references = ["a_性能故障_b\ne_检测工具_f", "", "g_组成_h", "p_组成_q"]
-    scores = ev.ie_scores(predictions, references)
+    scores = task_metrics.ie_scores(predictions, references)
     # micro: hits 1+0+0+1, predicted 2+1+0+2, gold 2+0+1+1
     assert scores["precision"] == pytest.approx(2 / 5)
     assert scores["recall"] == pytest.approx(2 / 4)
@@ -51,49 +52,49 @@ def test_ie_scores_micro_and_original_per_sample_convention():
 
 
 def test_ie_empty_gold_scores_zero_per_sample_even_for_an_empty_prediction():
-    scores = ev.ie_scores(["", "a_组成_b"], ["", "a_组成_b"])
+    scores = task_metrics.ie_scores(["", "a_组成_b"], ["", "a_组成_b"])
     assert scores["sample_f1"] == pytest.approx(0.5)  # the original counts "" as an unmatchable gold triple
     assert (scores["precision"], scores["recall"], scores["f1"]) == (1.0, 1.0, 1.0)
 
 
 def test_ie_per_sample_keeps_only_three_part_lines_but_micro_counts_every_line():
-    scores = ev.ie_scores(["a_组成_b_c\na_组成_b"], ["a_组成_b"])
+    scores = task_metrics.ie_scores(["a_组成_b_c\na_组成_b"], ["a_组成_b"])
     assert scores["sample_precision"] == 1.0
     assert scores["precision"] == pytest.approx(0.5)
 
 
 def test_ie_scores_length_mismatch_is_an_error():
     with pytest.raises(ValueError, match="2 predictions but 1 references"):
-        ev.ie_scores(["a", "b"], ["a"])
+        task_metrics.ie_scores(["a", "b"], ["a"])
 
 
 # ---- generation -------------------------------------------------------------------------------------------
 
 
 def test_gen_scores_identical_and_disjoint():
-    same = ev.gen_scores(["今天天气很好", "我们去公园散步吧"], [["今天天气很好"], ["我们去公园散步吧"]])
+    same = task_metrics.gen_scores(["今天天气很好", "我们去公园散步吧"], [["今天天气很好"], ["我们去公园散步吧"]])
     assert same["bleu"] == pytest.approx(1.0)
     assert same["rouge_l"] == pytest.approx(1.0)
-    other = ev.gen_scores(["甲乙丙丁戊"], [["子丑寅卯辰"]])
+    other = task_metrics.gen_scores(["甲乙丙丁戊"], [["子丑寅卯辰"]])
     assert other["bleu"] == 0.0
     assert other["rouge_l"] == 0.0
 
 
 def test_gen_scores_character_level_ignores_whitespace():
-    scores = ev.gen_scores(["今天 天气很好"], [["今天天气很好"]])
+    scores = task_metrics.gen_scores(["今天 天气很好"], [["今天天气很好"]])
     assert scores["bleu"] == pytest.approx(1.0)
     assert scores["rouge_l"] == pytest.approx(1.0)
 
 
 def test_rouge_l_partial_by_hand_and_best_reference():
     # LCS("今天天气好", "今天好") = 3: P = 3/5, R = 3/3, F = 2PR/(P+R) = 0.75
-    assert ev.gen_scores(["今天天气好"], [["今天好"]])["rouge_l"] == pytest.approx(0.75)
-    assert ev.gen_scores(["今天天气好"], [["完全不同的", "今天好"]])["rouge_l"] == pytest.approx(0.75)
+    assert task_metrics.gen_scores(["今天天气好"], [["今天好"]])["rouge_l"] == pytest.approx(0.75)
+    assert task_metrics.gen_scores(["今天天气好"], [["完全不同的", "今天好"]])["rouge_l"] == pytest.approx(0.75)
 
 
 def test_gen_scores_ragged_references():
     references = [["别的问题", "胃食管反流有哪些症状"], ["鸡蛋怎么吃"]]
-    scores = ev.gen_scores(["胃食管反流有哪些症状", "鸡蛋怎么吃"], references)
+    scores = task_metrics.gen_scores(["胃食管反流有哪些症状", "鸡蛋怎么吃"], references)
     assert scores["bleu"] == pytest.approx(1.0)
     assert scores["rouge_l"] == pytest.approx(1.0)
     assert scores["n"] == 2
@@ -101,12 +102,12 @@ def test_gen_scores_ragged_references():
 
 def test_distinct_n_and_duplicate_rate():
     # characters a b a b | a b: 6 unigrams, 2 distinct; bigrams ab ba ab | ab: 4, 2 distinct
-    scores = ev.gen_scores(["abab", "a b"], [["x"], ["y"]])
+    scores = task_metrics.gen_scores(["abab", "a b"], [["x"], ["y"]])
     assert scores["distinct_1"] == pytest.approx(2 / 6)
     assert scores["distinct_2"] == pytest.approx(2 / 4)
-    assert ev.duplicate_rate(["x", "x", "y", "z", "z", "z"]) == pytest.approx(5 / 6)
-    assert ev.duplicate_rate(["a", "b"]) == 0.0
-    assert ev.distinct_n(["a"], 2) == 0.0
+    assert task_metrics.duplicate_rate(["x", "x", "y", "z", "z", "z"]) == pytest.approx(5 / 6)
+    assert task_metrics.duplicate_rate(["a", "b"]) == 0.0
+    assert task_metrics.distinct_n(["a"], 2) == 0.0
 
 
 # ---- classification ---------------------------------------------------------------------------------------
@@ -114,7 +115,7 @@ def test_distinct_n_and_duplicate_rate():
 
 def test_cls_scores_by_hand_with_an_invalid_prediction():
     labels = ("体育", "财经", "科技", "娱乐")
-    scores = ev.cls_scores(["体育", "财经", "财经", "天气"], ["体育", "体育", "财经", "科技"], labels)
+    scores = task_metrics.cls_scores(["体育", "财经", "财经", "天气"], ["体育", "体育", "财经", "科技"], labels)
     assert scores["accuracy"] == pytest.approx(0.5)
     assert scores["invalid_rate"] == pytest.approx(0.25)
     # F1: 体育 2*1/(2+0+1) = 2/3, 财经 2*1/(2+1+0) = 2/3, 科技 0; 娱乐 never occurs and is left out
@@ -124,7 +125,7 @@ def test_cls_scores_by_hand_with_an_invalid_prediction():
 
 def test_cls_scores_rejects_a_reference_outside_the_labels():
     with pytest.raises(ValueError, match="天气"):
-        ev.cls_scores(["体育"], ["天气"], ("体育",))
+        task_metrics.cls_scores(["体育"], ["天气"], ("体育",))
 
 
 # ---- generation on a model --------------------------------------------------------------------------------
@@ -217,7 +218,7 @@ def test_perplexity_is_exp_of_token_weighted_mean_loss(small_tokenizer):
         total += float(loss) * (len(ids) - 2)
         count += len(ids) - 2
     assert ev.perplexity(model, tok, texts, batch_size=2) == pytest.approx(math.exp(total / count), rel=1e-4)
-    assert ev.forgetting(model, tok, texts, batch_size=1) == pytest.approx(math.exp(total / count), rel=1e-4)
+    assert ev.perplexity(model, tok, texts, batch_size=1) == pytest.approx(math.exp(total / count), rel=1e-4)
 
 
 def test_heldout_texts_are_the_non_empty_corpus_lines():
@@ -258,7 +259,7 @@ def test_evaluate_ie_and_gen_use_their_metrics(small_tokenizer):
 
 
 def test_char_f1_by_hand():
-    from helpers.evaluation import char_f1, ie_scores
+    from helpers.tasks.metrics import char_f1, ie_scores
 
     assert char_f1("", "") == 1.0
     assert char_f1("abc", "") == 0.0
@@ -281,21 +282,21 @@ def test_repetition_rate_on_hand_made_answers():
         "x_组成_y\nx_组成_y",  # twice is not yet a loop
         "今天天气很好",  # no repeat
     ]
-    assert [ev.is_repetitive(p) for p in predictions] == [True, True, False, True, False, False]
-    assert ev.repetition_rate(predictions) == pytest.approx(3 / 6)
-    assert ev.repetition_rate([]) == 0.0
+    assert [task_metrics.is_repetitive(p) for p in predictions] == [True, True, False, True, False, False]
+    assert task_metrics.repetition_rate(predictions) == pytest.approx(3 / 6)
+    assert task_metrics.repetition_rate([]) == 0.0
     # "ab ab ab": the bigram (a, b) occurs 3 times, no trigram does (ab a, b a b, ... twice each)
-    assert ev.is_repetitive("ab ab ab", n=2) and not ev.is_repetitive("ab ab ab", n=3)
+    assert task_metrics.is_repetitive("ab ab ab", n=2) and not task_metrics.is_repetitive("ab ab ab", n=3)
 
 
 def test_repetition_rate_counts_tokenizer_pieces(small_tokenizer):
     tok = small_tokenizer
     assert tok.tokenize("的时候" * 3) == ["▁", "的时候", "的时候", "的时候"]  # one piece for the three characters
     # Three copies: as characters "的时候" occurs 3 times (a loop); as pieces the trigram occurs once.
-    assert ev.is_repetitive("的时候" * 3) and not ev.is_repetitive("的时候" * 3, tok)
+    assert task_metrics.is_repetitive("的时候" * 3) and not task_metrics.is_repetitive("的时候" * 3, tok)
     # Five copies: the trigram of pieces (的时候, 的时候, 的时候) starts at 3 positions.
-    assert ev.is_repetitive("的时候" * 5, tok)
-    assert ev.repetition_rate(["今天天气很好", "的时候" * 5], tok) == pytest.approx(0.5)
+    assert task_metrics.is_repetitive("的时候" * 5, tok)
+    assert task_metrics.repetition_rate(["今天天气很好", "的时候" * 5], tok) == pytest.approx(0.5)
 
 
 def test_answer_token_budget_from_the_longest_training_answer(small_tokenizer):

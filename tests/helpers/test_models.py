@@ -183,9 +183,9 @@ def test_a_file_instead_of_a_folder_and_bad_load_options(saved):
     weights = saved["safetensors"] / "model.safetensors"
     with pytest.raises(UserError, match="is a file; give the checkpoint folder that holds it"):
         check_model_source(str(weights))
-    with pytest.raises(UserError, match=r"unknown dtype \(--dtype\) 'fp64'"):
+    with pytest.raises(UserError, match=r"dtype \(--dtype\) 'fp64' is unknown"):
         load_model(str(saved["safetensors"]), device="cpu", dtype="fp64")
-    with pytest.raises(UserError, match=r"unknown device \(--device\) 'gpu'"):
+    with pytest.raises(UserError, match=r"device \(--device\) 'gpu' is not a device"):
         load_model(str(saved["safetensors"]), device="gpu")
     with pytest.raises(UserError, match="quantization_bit must be 4 or 8"):
         load_model(str(saved["safetensors"]), device="cpu", quantization_bit=3)

@@ -7,18 +7,18 @@ import json
 
 import pytest
 
-from helpers import pipeline
 from helpers.errors import UserError
 from helpers.models import is_small_model, meta_model
-from helpers.recipe import LEARNING_RATES
-from helpers.runs import RunRecord, load_runs
+from helpers.run import pipeline
+from helpers.run.recipe import LEARNING_RATES, resolve_recipe
+from helpers.run.record import RunRecord, load_runs
 
 
-def run(checkpoint, out, **options):
+def run(checkpoint, out, fresh=False, reevaluate=False, r=2, **settings):
     """A two-step LoRA run on the fast tiny model, evaluated on two IE examples."""
-    return pipeline.run_method(str(checkpoint), "ie", "lora", out, method_overrides={"r": 2},
-                               training={"max_steps": 2, "batch_size": 2, **options.pop("training", {})},
-                               evaluation={"max_new_tokens": 2}, eval_limit=2, device="cpu", **options)
+    settings = {"steps": 2, "batch_size": 2, "max_new_tokens": 2, "eval_limit": 2, "device": "cpu", **settings}
+    recipe = resolve_recipe(str(checkpoint), "lora", "ie", method_options={"r": r}, **settings)
+    return pipeline.run_recipe(recipe, out, fresh=fresh, reevaluate=reevaluate)
 
 
 def snapshot(folder) -> dict:
@@ -36,7 +36,7 @@ def test_a_run_writes_a_finished_record_with_its_recipe(finished, tiny_checkpoin
     out, metrics = finished
     record = RunRecord.load(out)
     assert record.status == "finished" and record.trained and record.error is None
-    assert record.recipe["training"]["max_steps"] == 2 and record.recipe["method_options"]["r"] == 2
+    assert record.recipe["steps"] == 2 and record.method_options["r"] == 2
     assert record.model_path == str(tiny_checkpoint.resolve()) and record.global_step == 2
     assert record.metrics() == json.loads(json.dumps(metrics))
     assert {"perplexity_before", "perplexity_after", "f1"} <= set(metrics)
@@ -55,14 +55,12 @@ def test_another_recipe_is_refused_with_one_line(finished, tiny_checkpoint):
     out, _ = finished
     before = snapshot(out)
     with pytest.raises(UserError) as caught:
-        run(tiny_checkpoint, out, training={"learning_rate": 0.01})
+        run(tiny_checkpoint, out, learning_rate=0.01)
     default = LEARNING_RATES["ie"]["lora"]
     assert str(caught.value) == (f"{out}: exists with lr={default:g}, this command asks lr=0.01; use --fresh to "
                                  "start over or another --out")
     with pytest.raises(UserError, match="exists with r=2, .* asks r=4"):
-        pipeline.run_method(str(tiny_checkpoint), "ie", "lora", out, method_overrides={"r": 4},
-                            training={"max_steps": 2, "batch_size": 2}, evaluation={"max_new_tokens": 2},
-                            eval_limit=2, device="cpu")
+        run(tiny_checkpoint, out, r=4)
     assert snapshot(out) == before
 
 
@@ -70,9 +68,7 @@ def test_other_evaluation_settings_point_to_evaluate_run(finished, tiny_checkpoi
     out, _ = finished
     with pytest.raises(UserError, match=r"exists with eval_limit=2, this command asks eval_limit=3; use --fresh .*, "
                                         r"or evaluate it with these settings: python -m helpers evaluate --run"):
-        pipeline.run_method(str(tiny_checkpoint), "ie", "lora", out, method_overrides={"r": 2},
-                            training={"max_steps": 2, "batch_size": 2}, evaluation={"max_new_tokens": 2},
-                            eval_limit=3, device="cpu")
+        run(tiny_checkpoint, out, eval_limit=3)
 
 
 def test_reevaluate_writes_a_subfolder_and_never_touches_the_training_results(finished, tiny_checkpoint):
@@ -93,17 +89,17 @@ def test_fresh_starts_over(tiny_checkpoint, tmp_path):
     (out / "eval-old" / "metrics.json").write_text("{}")
     (out / "notes.txt").write_text("mine")
     first = RunRecord.load(out).history()
-    metrics = run(tiny_checkpoint, out, training={"learning_rate": 0.01}, resume=False)
+    metrics = run(tiny_checkpoint, out, learning_rate=0.01, fresh=True)
     record = RunRecord.load(out)
-    assert record.recipe["training"]["learning_rate"] == 0.01 and record.status == "finished"
+    assert record.recipe["learning_rate"] == 0.01 and record.status == "finished"
     assert record.resumed_from_step == 0 and [r["step"] for r in record.history()] == [1, 2]
     assert record.history() != first and record.metrics() == json.loads(json.dumps(metrics))
     assert not (out / "eval-old").exists() and (out / "notes.txt").read_text() == "mine"
 
 
 def test_metrics_are_written_once(tiny_checkpoint, tmp_path, monkeypatch):
-    import helpers.evaluation
     import helpers.files
+    import helpers.run.evaluation
 
     writes = []
     original = helpers.files.write_text
@@ -113,7 +109,8 @@ def test_metrics_are_written_once(tiny_checkpoint, tmp_path, monkeypatch):
         return original(path, text)
 
     monkeypatch.setattr(helpers.files, "write_text", counting)
-    monkeypatch.setattr(helpers.evaluation, "write_text", counting)
+    monkeypatch.setattr(helpers.run.evaluation, "write_text", counting)
+
     run(tiny_checkpoint, tmp_path / "lora")
     assert writes.count("metrics.json") == 1 and writes.count("predictions.jsonl") == 1
 
@@ -124,7 +121,7 @@ def test_failure_is_recorded_and_the_rerun_only_evaluates(tiny_checkpoint, tmp_p
     def broken(*args, **kwargs):
         raise RuntimeError("evaluation crashed")
 
-    monkeypatch.setattr(pipeline, "evaluate", broken)
+    monkeypatch.setattr(pipeline, "evaluate_recipe", broken)
     with pytest.raises(RuntimeError, match="evaluation crashed"):
         run(tiny_checkpoint, out)
     record = RunRecord.load(out)
@@ -141,14 +138,13 @@ def test_failure_is_recorded_and_the_rerun_only_evaluates(tiny_checkpoint, tmp_p
 def test_bad_options_fail_before_the_model_loads(tiny_checkpoint, tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     with pytest.raises(UserError, match="--steps"):
-        run(tiny_checkpoint, tmp_path / "a", training={"max_steps": 0})
+        run(tiny_checkpoint, tmp_path / "a", steps=0)
     with pytest.raises(UserError, match="--eval-limit"):
-        pipeline.run_method(str(tiny_checkpoint), "ie", "lora", tmp_path / "b", eval_limit=0, device="cpu")
+        run(tiny_checkpoint, tmp_path / "b", eval_limit=0)
     with pytest.raises(UserError, match="unknown method"):
         pipeline.compare(str(tiny_checkpoint), "ie", ["lora", "bitfit"], tmp_path / "c")
     with pytest.raises(UserError, match="--lr"):  # every method's recipe is checked before the first one trains
-        pipeline.compare(str(tiny_checkpoint), "ie", ["freeze", "lora"], tmp_path / "d",
-                         training={"learning_rate": -1.0})
+        pipeline.compare(str(tiny_checkpoint), "ie", ["freeze", "lora"], tmp_path / "d", learning_rate=-1.0)
     assert not (tmp_path / "a").exists() and not (tmp_path / "d" / "freeze").exists()
 
 
@@ -164,5 +160,5 @@ def test_compare_refuses_a_changed_rerun_before_any_method_trains(finished, tiny
     monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("a method trained before the refusal"))
     with pytest.raises(UserError, match=rf"^{out}: exists with .*steps=2.*this command asks .*steps=3"):
         pipeline.compare(str(tiny_checkpoint), "ie", ["freeze", "lora"], out.parent, device="cpu", eval_limit=2,
-                         training={"max_steps": 3, "batch_size": 2})
+                         steps=3, batch_size=2)
     assert not (out.parent / "freeze").exists() and snapshot(out) == before

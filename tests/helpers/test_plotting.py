@@ -10,6 +10,7 @@ from matplotlib.container import BarContainer
 from matplotlib.figure import Figure
 
 from helpers import plotting
+from helpers.run.record import load_runs
 
 
 def write_run(root: Path, name: str, method: str, losses=(2.0, 1.5, 1.0), metrics: dict | None = None,
@@ -51,7 +52,7 @@ def runs_dir(tmp_path):
 
 
 def test_load_runs_orders_by_method_and_skips_non_runs(runs_dir):
-    runs = plotting.load_runs(runs_dir)
+    runs = load_runs(runs_dir)
     assert [r.method for r in runs] == ["freeze", "embedding", "ptuning_v2", "lora", "bitfit"]
     assert [r.name for r in runs] == ["a-freeze", "c-embed", "m-pt", "z-lora", "b-other"]
     assert runs[0].metrics["main_metric"] == "f1" and runs[1].metrics == {}
@@ -59,12 +60,12 @@ def test_load_runs_orders_by_method_and_skips_non_runs(runs_dir):
 
 
 def test_load_runs_accepts_run_folders_and_ignores_duplicates(runs_dir):
-    runs = plotting.load_runs(runs_dir / "z-lora", runs_dir / "a-freeze", runs_dir, runs_dir / "not-a-run")
+    runs = load_runs(runs_dir / "z-lora", runs_dir / "a-freeze", runs_dir, runs_dir / "not-a-run")
     assert [r.name for r in runs] == ["a-freeze", "c-embed", "m-pt", "z-lora", "b-other"]
 
 
 def test_truncated_last_history_line_is_ignored(runs_dir):
-    run = plotting.load_runs(runs_dir / "m-pt")[0]
+    run = load_runs(runs_dir / "m-pt")[0]
     assert [row["loss"] for row in run.history] == [2.0, 1.5, 1.0]
 
 
@@ -74,7 +75,7 @@ def test_broken_line_in_the_middle_is_an_error(tmp_path):
     lines = path.read_text(encoding="utf-8").splitlines()
     path.write_text("\n".join([lines[0], "{oops", lines[1]]) + "\n", encoding="utf-8")
     with pytest.raises(ValueError, match="loss_history.jsonl:2"):
-        plotting.load_runs(folder)
+        load_runs(folder)
 
 
 def test_smooth_by_hand():
@@ -85,7 +86,7 @@ def test_smooth_by_hand():
 
 
 def test_plot_loss_curves_draws_raw_and_smoothed_line_per_run(runs_dir):
-    runs = plotting.load_runs(runs_dir)
+    runs = load_runs(runs_dir)
     fig = plotting.plot_loss_curves(runs)
     assert isinstance(fig, Figure)
     ax = fig.axes[0]
@@ -99,12 +100,12 @@ def test_plot_loss_curves_draws_raw_and_smoothed_line_per_run(runs_dir):
 def test_legend_names_runs_that_share_a_method(tmp_path):
     write_run(tmp_path, "lora-a", "lora")
     write_run(tmp_path, "lora-b", "lora")
-    fig = plotting.plot_loss_curves(plotting.load_runs(tmp_path))
+    fig = plotting.plot_loss_curves(load_runs(tmp_path))
     assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["lora (lora-a)", "lora (lora-b)"]
 
 
 def test_comparison_rows_and_markdown(runs_dir):
-    runs = plotting.load_runs(runs_dir)
+    runs = load_runs(runs_dir)
     rows = plotting.comparison_rows(runs)
     freeze = rows[0]
     assert freeze["main_metric"] == "f1" and freeze["main_value"] == pytest.approx(1 / 3)
@@ -122,7 +123,7 @@ def test_comparison_rows_and_markdown(runs_dir):
 
 
 def test_plot_comparison_panels(runs_dir, tmp_path):
-    runs = plotting.load_runs(runs_dir)
+    runs = load_runs(runs_dir)
     fig = plotting.plot_comparison(runs, tmp_path / "fig.png")
     assert (tmp_path / "fig.png").stat().st_size > 0
     loss, metric, params, memory, runtime, forgetting = fig.axes
@@ -148,12 +149,12 @@ def test_bar_labels_use_one_format_per_panel():
 
 def test_plot_comparison_without_perplexity_shows_a_note(tmp_path):
     write_run(tmp_path, "only", "lora")
-    fig = plotting.plot_comparison(plotting.load_runs(tmp_path))
+    fig = plotting.plot_comparison(load_runs(tmp_path))
     assert "No forgetting check" in fig.axes[-1].texts[0].get_text()
 
 
 def test_write_comparison_writes_three_files(runs_dir, tmp_path):
-    runs = plotting.load_runs(runs_dir)
+    runs = load_runs(runs_dir)
     paths = plotting.write_comparison(runs, tmp_path / "out")
     assert sorted(p.name for p in paths.values()) == ["comparison.json", "comparison.md", "comparison.png"]
     assert paths["png"].read_bytes()[:4] == b"\x89PNG"

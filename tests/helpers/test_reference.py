@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import matplotlib
 import pytest
@@ -10,9 +11,10 @@ import torch
 
 from chatglm import ChatGLMForConditionalGeneration, known_config
 from chatglm.modeling import PrefixEncoder
-from helpers import plotting
+from helpers import plotting, reference
 from helpers.errors import UserError
-from helpers.paths import DATA_DIR
+from helpers.files import DATA_DIR
+from helpers.run.record import Run, RunRecord
 
 matplotlib.use("Agg")
 
@@ -22,7 +24,7 @@ EARLY_VOCAB = 150528
 
 
 def test_the_three_curves_load_with_720_points_from_step_10_to_7200():
-    curves = plotting.load_reference_curves()
+    curves = reference.load_reference_curves()
     assert list(curves) == ["freeze", "embedding", "ptuning_v2"]
     for method, curve in curves.items():
         assert curve["steps"] == list(range(10, 7201, 10)), method
@@ -33,7 +35,7 @@ def test_the_three_curves_load_with_720_points_from_step_10_to_7200():
 
 
 def test_bundled_files_are_the_sources_bytes():
-    info = plotting.reference_info()
+    info = reference.reference_info()
     assert info["repository"] == "shanggangli/ChatGLM-6B-int4-finetuning"
     for method, entry in info["curves"].items():
         data = (DATA_DIR / "reference" / entry["file"]).read_bytes()
@@ -43,9 +45,9 @@ def test_bundled_files_are_the_sources_bytes():
 
 
 def test_unknown_reference_method_is_a_user_error():
-    assert list(plotting.load_reference_curves("embedding")) == ["embedding"]
+    assert list(reference.load_reference_curves("embedding")) == ["embedding"]
     with pytest.raises(UserError, match="no reference curve for lora"):
-        plotting.load_reference_curves(["freeze", "lora"])
+        reference.load_reference_curves(["freeze", "lora"])
 
 
 def _count(module: torch.nn.Module) -> int:
@@ -53,7 +55,7 @@ def _count(module: torch.nn.Module) -> int:
 
 
 def test_published_table_rows_and_parameter_arithmetic():
-    table = plotting.published_results()
+    table = reference.published_results()
     assert table["source"].startswith("https://github.com/liucongg/ChatGLM-Finetuning/")
     assert table["ie_test_rows"] == 50
     rows = {row["method"]: row for row in table["rows"]}
@@ -84,17 +86,17 @@ def test_published_table_rows_and_parameter_arithmetic():
 
 
 def test_published_markdown_renders_every_row_with_its_source():
-    text = plotting.published_markdown()
+    text = reference.published_markdown()
     for name in ("PT-Only-Embedding", "PT", "Freeze", "Lora"):
         assert f"| {name} |" in text
     assert "0.0586%" in text and "0.6283" in text and "liucongg/ChatGLM-Finetuning" in text
 
 
 def test_published_markdown_keeps_the_rows_of_the_methods_asked_for():
-    prefix = plotting.published_markdown("ptuning_v2")
+    prefix = reference.published_markdown("ptuning_v2")
     assert "| PT-Only-Embedding |" in prefix and "| PT |" in prefix
     assert "| Lora |" not in prefix and "| Freeze |" not in prefix and "liucongg/ChatGLM-Finetuning" in prefix
-    both = plotting.published_markdown(["lora", "freeze"])
+    both = reference.published_markdown(["lora", "freeze"])
     assert "| Lora |" in both and "| Freeze |" in both and "| PT |" not in both
 
 
@@ -120,7 +122,7 @@ def test_plot_draws_reference_and_your_run_with_labels(tmp_path):
 def test_plot_takes_runs_and_falls_back_to_all_references():
     def run(name, method, losses):
         history = [{"step": i + 1, "loss": loss} for i, loss in enumerate(losses)] + [{"step": 9, "eval": 1.0}]
-        return plotting.Run(path=None, info={"name": name, "method": method, "status": "finished"}, history=history)
+        return Run(RunRecord(Path(name), name=name, method=method, status="finished"), history=history)
 
     runs = [run("pt-ie", "ptuning_v2", (2.5, 2.0)), run("lora-ie", "lora", (2.0, 1.5, 1.0))]
     only_pt = _labels(plotting.plot_reference_curves(runs).axes[0])

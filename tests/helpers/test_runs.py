@@ -10,10 +10,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from helpers import runs
 from helpers.errors import UserError
 from helpers.plotting import comparison_rows, write_comparison
-from helpers.runs import RunRecord, last_complete_checkpoint, load_runs
+from helpers.run import folder as runs
+from helpers.run.folder import last_complete_checkpoint
+from helpers.run.record import RunRecord, load_runs
 
 
 def mode(path) -> int:
@@ -22,11 +23,12 @@ def mode(path) -> int:
 
 def test_record_round_trips_and_is_written_0644(tmp_path):
     record = RunRecord(tmp_path / "r", name="r", method="lora", task="ie", model="tiny", global_step=3,
-                       hyperparameters={"max_steps": 3}).save()
+                       recipe={"steps": 3}).save()
     assert mode(record.path) == 0o644
     again = RunRecord.load(tmp_path / "r")
-    assert again == record and again.status == "running"
-    assert record.write_metrics({"f1": 0.5}).name == "metrics.json" and mode(tmp_path / "r" / "metrics.json") == 0o644
+    assert again == record and again.status == "running" and again.setting("steps") == 3
+    record.finish({"f1": 0.5})
+    assert mode(tmp_path / "r" / "metrics.json") == 0o644 and RunRecord.load(tmp_path / "r").status == "finished"
     assert again.metrics() == {"f1": 0.5}
     assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["metrics.json", "run.json"]  # no temporary files
 
@@ -229,3 +231,41 @@ def test_base_model_of_a_run_names_a_folder_that_is_gone(tmp_path):
     assert moved.base_model("elsewhere") == "elsewhere"
     with pytest.raises(UserError, match="does not name its base model"):
         RunRecord(tmp_path / "r").base_model()
+
+
+def _record(folder, recipe, **fields):
+    return RunRecord(folder, name=folder.name, method=recipe.method, task=recipe.task, recipe=recipe.to_dict(),
+                     **fields).save()
+
+
+def test_one_policy_decides_what_a_folder_means_for_each_mode(tiny_checkpoint, tmp_path, capsys):
+    from helpers.run.folder import decide
+    from helpers.run.recipe import resolve_recipe
+
+    recipe = resolve_recipe(str(tiny_checkpoint), "lora", "ie", device="cpu", steps=4)
+    other = resolve_recipe(str(tiny_checkpoint), "lora", "ie", device="cpu", steps=5)
+    folder = tmp_path / "lora-ie"
+    assert decide(folder, recipe).action == "train" and decide(folder, recipe).record is None
+    _record(folder, recipe, status="failed", error="KeyboardInterrupt")  # interrupted: every mode but fresh resumes
+    for mode in ("keep", "replace"):
+        decision = decide(folder, recipe, mode)
+        assert (decision.action, decision.replace, decision.record.status) == ("train", False, "failed")
+    assert decide(folder, recipe, "fresh").replace and decide(folder, recipe, "fresh").record is None
+    replaced = decide(folder, other)  # another recipe that never saved a checkpoint: nothing to lose
+    assert replaced.replace and "another recipe that saved no checkpoint" in replaced.note
+    _record(folder, recipe, status="finished", trained_at="2026-01-01T00:00:00Z")
+    (folder / "metrics.json").write_text('{"f1": 0.5}')
+    (folder / "my_notes.txt").write_text("mine")
+    assert decide(folder, recipe).action == "done"  # the command line keeps a finished run
+    with pytest.raises(UserError, match=r"exists with steps=4, .*this command asks steps=5, .*; use --fresh"):
+        decide(folder, other)
+    for asked in (recipe, other):  # a notebook executed again trains again, whatever the settings
+        decision = decide(folder, asked, "replace")
+        assert (decision.action, decision.replace, decision.record) == ("train", True, None)
+    decision.begin(other)
+    assert "replacing the earlier run" in capsys.readouterr().out
+    assert sorted(p.name for p in folder.iterdir()) == ["my_notes.txt", "run.json"]  # only the run's files went
+    assert RunRecord.load(folder).recipe["steps"] == 5
+    (folder / "metrics.json").unlink(missing_ok=True)
+    _record(folder, recipe, status="failed", trained_at="2026-01-01T00:00:00Z")  # trained, evaluation crashed
+    assert decide(folder, recipe).action == "evaluate"

@@ -10,10 +10,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from chatglm import ChatGLMForConditionalGeneration, ChatGLMTokenizer
-from helpers import data, tiny
-from helpers.data import TASKS, load_split
+from helpers import tasks as data
 from helpers.errors import UserError
-from helpers.pretraining import MIX, RELATION_LABELS, Exercise, exercises
+from helpers.tasks import TASKS, load_split
+from helpers.tiny import build as tiny
+from helpers.tiny.pretraining import MIX, RELATION_LABELS, Exercise, exercises
 from tests.chatglm.test_checkpoint import public_layout
 from tests.conftest import fast_tiny_recipe
 

@@ -8,12 +8,14 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from helpers.data import EncodedDataset, load_split
 from helpers.errors import UserError
+from helpers.files import read_json_lines as read_history
 from helpers.methods import apply_method
 from helpers.models import load_model
-from helpers.runs import RunRecord, load_runs
-from helpers.training import load_finetuned, read_history, train
+from helpers.run.artifacts import load_finetuned
+from helpers.run.record import RunRecord, load_runs
+from helpers.run.training import train
+from helpers.tasks import EncodedDataset, load_split
 
 OPTIONS = {"freeze": {"layers": 1}, "embedding": {}, "ptuning_v2": {"pre_seq_len": 4}, "lora": {"r": 4}}
 
@@ -27,7 +29,7 @@ def small_dataset(tokenizer, n=12):
 def test_train_writes_run_folder_and_reloads_identically(tiny_checkpoint, tmp_path, method):
     model, tokenizer = load_model(str(tiny_checkpoint))
     setup = apply_method(model, method, **OPTIONS[method])
-    result = train(setup, tokenizer, small_dataset(tokenizer), tmp_path / method, task="ie", max_steps=3,
+    result = train(setup, tokenizer, small_dataset(tokenizer), tmp_path / method, task="ie", steps=3,
                    batch_size=4, learning_rate=1e-2, save_steps=2, progress=False)
     run = json.loads((tmp_path / method / "run.json").read_text())
     assert run["status"] == "finished" and run["method"] == method and run["global_step"] == 3
@@ -56,7 +58,7 @@ def test_one_step_lowers_the_loss_for_every_method(tiny_checkpoint):
     for method in ("freeze", "embedding", "ptuning_v2", "lora"):
         model, tokenizer = load_model(str(tiny_checkpoint))
         setup = apply_method(model, method, **OPTIONS[method])
-        from helpers.data import Collator
+        from helpers.tasks import Collator
 
         batch = Collator(tokenizer.pad_token_id)([small_dataset(tokenizer, 4)[i] for i in range(4)])
         model = setup.model.train()
@@ -89,7 +91,7 @@ def test_interrupted_run_resumes_with_the_same_losses(tiny_checkpoint, tmp_path)
         model, tokenizer = load_model(str(tiny_checkpoint))
         torch.manual_seed(0)  # same LoRA initialisation in both runs
         setup = apply_method(model, "lora", r=4, dropout=0.1)  # dropout: the RNG state must resume too
-        return train(setup, tokenizer, small_dataset(tokenizer), folder, task="ie", max_steps=6, batch_size=4,
+        return train(setup, tokenizer, small_dataset(tokenizer), folder, task="ie", steps=6, batch_size=4,
                      learning_rate=1e-2, save_steps=2, progress=False, callbacks=callbacks)
 
     straight = run(tmp_path / "straight").history
@@ -120,7 +122,7 @@ def lora_run(checkpoint, folder, callbacks=None, steps=6, **options):
     model, tokenizer = load_model(str(checkpoint))
     torch.manual_seed(0)
     setup = apply_method(model, "lora", r=4, dropout=0.1)
-    return train(setup, tokenizer, small_dataset(tokenizer), folder, task="ie", max_steps=steps, batch_size=4,
+    return train(setup, tokenizer, small_dataset(tokenizer), folder, task="ie", steps=steps, batch_size=4,
                  learning_rate=options.pop("learning_rate", 1e-2), save_steps=2, progress=False,
                  callbacks=callbacks, **options)
 
@@ -137,7 +139,7 @@ def test_kill_while_saving_a_checkpoint_resumes_from_the_one_before(tiny_checkpo
     capsys.readouterr()
     resumed = lora_run(tiny_checkpoint, tmp_path / "killed")
     assert "checkpoint-4: incomplete checkpoint (trainer_state.json missing)" in capsys.readouterr().out
-    assert resumed.info["resumed_from_step"] == 2
+    assert resumed.record.resumed_from_step == 2
     assert [r["step"] for r in resumed.history] == [1, 2, 3, 4, 5, 6]
     assert [r["loss"] for r in resumed.history] == pytest.approx([r["loss"] for r in straight], rel=1e-6)
     csv_steps = [line.split(",")[0] for line in (tmp_path / "killed" / "loss_history.csv").read_text().splitlines()]
@@ -151,17 +153,17 @@ def test_finished_run_is_not_trained_again(tiny_checkpoint, tmp_path, capsys):
     capsys.readouterr()
     again = lora_run(tiny_checkpoint, tmp_path / "run", steps=2)
     assert "already trained; not training again" in capsys.readouterr().out
-    assert again.info["global_step"] == first.info["global_step"] == 2
+    assert again.record.global_step == first.record.global_step == 2
     assert [r["loss"] for r in again.history] == [r["loss"] for r in first.history]
     assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == files
 
 
 def test_other_settings_on_a_trained_folder_are_refused(tiny_checkpoint, tmp_path):
     lora_run(tiny_checkpoint, tmp_path / "run", steps=2)
-    with pytest.raises(UserError, match=r"run: exists with lr=0.01, this command asks lr=0.02; .*resume=False"):
+    with pytest.raises(UserError, match=r"run: exists with lr=0.01, this command asks lr=0.02; .*fresh=True"):
         lora_run(tiny_checkpoint, tmp_path / "run", steps=2, learning_rate=0.02)
-    fresh = lora_run(tiny_checkpoint, tmp_path / "run", steps=2, learning_rate=0.02, resume=False)
-    assert fresh.info["hyperparameters"]["learning_rate"] == 0.02 and fresh.info["global_step"] == 2
+    fresh = lora_run(tiny_checkpoint, tmp_path / "run", steps=2, learning_rate=0.02, fresh=True)
+    assert fresh.record.recipe["learning_rate"] == 0.02 and fresh.record.global_step == 2
     assert [r["step"] for r in fresh.history] == [1, 2]
 
 
@@ -183,9 +185,10 @@ def test_failed_run_is_recorded_as_failed_and_left_out_of_load_runs(tiny_checkpo
 def test_bad_hyperparameters_are_refused_before_training(tiny_checkpoint, tmp_path):
     model, tokenizer = load_model(str(tiny_checkpoint))
     setup = apply_method(model, "embedding")
-    for bad, option in ({"max_steps": 0}, "--steps"), ({"learning_rate": 0.0}, "--lr"), ({"batch_size": 0}, "--batch"):
+    for bad, option in (({"steps": 0}, "--steps"), ({"learning_rate": 0.0}, "--lr"), ({"batch_size": 0}, "--batch"),
+                        ({"max_steps": 5}, r"unknown setting 'max_steps' \(did you mean steps\?\)")):
         with pytest.raises(UserError, match=option):
-            train(setup, tokenizer, small_dataset(tokenizer, 4), tmp_path / "x", **{"max_steps": 1, **bad})
+            train(setup, tokenizer, small_dataset(tokenizer, 4), tmp_path / "x", **{"steps": 1, **bad})
     assert not (tmp_path / "x").exists()
 
 
@@ -195,20 +198,20 @@ def test_train_refuses_a_model_with_nothing_trainable(tiny_checkpoint, tmp_path)
         p.requires_grad_(False)
     with pytest.raises(UserError, match="nothing to train: no parameter of the model requires a gradient; apply a "
                                         "method first"):
-        train(model, tokenizer, small_dataset(tokenizer), tmp_path, max_steps=1)
+        train(model, tokenizer, small_dataset(tokenizer), tmp_path, steps=1)
 
 
 def test_bf16_base_with_fp32_trainable_tensors_trains_and_evaluates(tiny_checkpoint, tmp_path):
     """A bf16 model whose trained tensors are fp32 runs under autocast in training and in evaluation."""
-    from helpers.evaluation import evaluate
+    from helpers.run.evaluation import evaluate
 
     model, tokenizer = load_model(str(tiny_checkpoint), dtype="bf16")
     setup = apply_method(model, "freeze", layers=1)  # fp32 LayerNorms inside bf16 layers
     assert model.transformer.layers[1].input_layernorm.weight.dtype == torch.float32
     assert model.transformer.layers[1].attention.query_key_value.bias.dtype == torch.bfloat16
-    result = train(setup, tokenizer, small_dataset(tokenizer, 4), tmp_path / "bf16", task="ie", max_steps=2,
+    result = train(setup, tokenizer, small_dataset(tokenizer, 4), tmp_path / "bf16", task="ie", steps=2,
                    batch_size=2, progress=False)
-    assert result.info["global_step"] == 2
+    assert result.record.global_step == 2
     metrics = evaluate(setup.model, tokenizer, "ie", load_split("ie", "test", limit=2), max_new_tokens=3,
                        progress=False)
     assert metrics["n"] == 2
@@ -217,7 +220,7 @@ def test_bf16_base_with_fp32_trainable_tensors_trains_and_evaluates(tiny_checkpo
 def test_reloaded_bf16_run_chats_without_autocast(tiny_checkpoint, tmp_path):
     model, tokenizer = load_model(str(tiny_checkpoint), dtype="bf16")
     setup = apply_method(model, "embedding")
-    train(setup, tokenizer, small_dataset(tokenizer, 4), tmp_path / "emb", task="ie", max_steps=1, batch_size=2,
+    train(setup, tokenizer, small_dataset(tokenizer, 4), tmp_path / "emb", task="ie", steps=1, batch_size=2,
           progress=False)
     reloaded, tok = load_finetuned(tmp_path / "emb", dtype="bf16")
     assert {p.dtype for p in reloaded.parameters() if p.dtype.is_floating_point} == {torch.bfloat16}
@@ -230,5 +233,5 @@ def test_an_out_dir_that_is_a_file_is_a_user_error(tiny_checkpoint, tmp_path):
     (tmp_path / "a_file").write_text("keep me")
     setup = apply_method(model, "embedding")
     with pytest.raises(UserError, match=r"^out_dir .*a_file: is a file, not a folder"):
-        train(setup, tokenizer, small_dataset(tokenizer, 2), tmp_path / "a_file", max_steps=1)
+        train(setup, tokenizer, small_dataset(tokenizer, 2), tmp_path / "a_file", steps=1)
     assert (tmp_path / "a_file").read_text() == "keep me"

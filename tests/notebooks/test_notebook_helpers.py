@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-import helpers.display
-from helpers import notebook as nb
-from helpers.data import Example, get_task
-from helpers.plotting import Run
-from helpers.recipe import LEARNING_RATES, TINY_STEPS
+import helpers.course.display
+from helpers import course as nb
+from helpers.run.record import Run, RunRecord
+from helpers.tasks import Example, get_task
 
 # ---------------------------------------------------------------------------------------------------------
 # Where we run
@@ -82,7 +82,8 @@ def test_params_unknown_names_take_the_default_type():
     ({"COURSE_STEPS": "many"}, "COURSE_STEPS='many': expected int"),
     ({"COURSE_DEQUANTIZE": "maybe"}, "COURSE_DEQUANTIZE"),
     ({"COURSE_TASK": "ner"}, "task 'ner' is unknown"),
-    ({"COURSE_STEPS": "0"}, "steps must be at least 1"),
+    ({"COURSE_STEPS": "0"}, r"COURSE_STEPS='0': steps \(--steps\) must be a whole number of at least 1"),
+    ({"COURSE_LEARNING_RATE": "5"}, "far too large"),
 ])
 def test_params_reject_bad_values(env, message):
     with pytest.raises(ValueError, match=message):
@@ -114,63 +115,33 @@ def test_is_toy(tmp_path):
     assert nb.is_toy(SimpleNamespace(config=SimpleNamespace(hidden_size=160)))
 
 
-def test_task_for_shortens_budgets_for_the_tiny_model():
-    assert nb.task_for("ie", toy=False) == get_task("ie")
-    short = nb.task_for("ie", toy=True)
-    assert short.prompt == get_task("ie").prompt and short.max_target_length < get_task("ie").max_target_length
+@pytest.mark.parametrize("method, parameters, argv", [
+    ("freeze", {"layers": None, "dequantize": False}, []),
+    ("freeze", {"layers": 1, "dequantize": False}, ["--layers", "1"]),
+    ("ptuning_v2", {"pre_seq_len": 16, "prefix_projection": None}, ["--pre-seq-len", "16"]),
+    ("lora", {"r": 8, "alpha": 32}, ["--r", "8", "--alpha", "32"]),
+])
+def test_notebook_and_command_line_train_the_same_parameters(tiny_checkpoint, method, parameters, argv):
+    """The same method on the same model is the same run, whether a notebook or the command line asks for it."""
+    from helpers.cli import build_parser, method_options
+    from helpers.course.params import method_options as notebook_options
+    from helpers.course.params import recipe_settings
+    from helpers.methods import apply_method
+    from helpers.models import load_model
+    from helpers.run.recipe import given_settings, resolve_recipe
 
-
-def test_training_options():
-    toy = nb.training_options("lora", toy=True)
-    assert toy["max_steps"] == TINY_STEPS["ie"]["lora"] and toy["learning_rate"] == LEARNING_RATES["ie"]["lora"]
-    gen = nb.training_options("lora", toy=True, task="gen")
-    assert gen["learning_rate"] == LEARNING_RATES["gen"]["lora"] and gen["max_steps"] == TINY_STEPS["gen"]["lora"]
-    short = nb.training_options("freeze", toy=True, steps=8, dequantized=True, learning_rate=None)
-    assert short["max_steps"] == 8 and short["warmup_steps"] <= 8 // 5 and short["save_steps"] <= 8
-    assert short["learning_rate"] < LEARNING_RATES["ie"]["freeze"]
-    a100 = nb.training_options("ptuning_v2", toy=False, gpu_memory_gib=40, learning_rate=0.05)
-    assert (a100["batch_size"], a100["gradient_accumulation_steps"], a100["gradient_checkpointing"]) == (4, 2, False)
-    assert a100["learning_rate"] == 0.05
-    t4 = nb.training_options("lora", toy=False, gpu_memory_gib=15)
-    assert (t4["batch_size"], t4["gradient_accumulation_steps"], t4["gradient_checkpointing"]) == (1, 8, True)
-
-
-def _write_run(folder, **info):
-    folder.mkdir(parents=True, exist_ok=True)
-    base = {"name": folder.name, "method": "lora", "task": "ie", "model": "tiny", "status": "finished",
-            "method_options": {"r": 8, "target_modules": ["query_key_value"]},
-            "hyperparameters": {"max_steps": 8, "learning_rate": 0.005}}
-    (folder / "run.json").write_text(json.dumps({**base, **info}))
-    return folder
-
-
-def test_replace_or_resume_run(tmp_path, capsys):
-    options, training = {"r": 8, "target_modules": ("query_key_value",)}, {"max_steps": 8, "learning_rate": 0.005}
-    assert nb.replace_or_resume_run(tmp_path, "lora-ie", "tiny", options, training) == (tmp_path / "lora-ie", False)
-    _write_run(tmp_path / "lora-ie", status="running")
-    assert nb.replace_or_resume_run(tmp_path, "lora-ie", "tiny", options, training) == (tmp_path / "lora-ie", True)
-    assert (tmp_path / "lora-ie").exists()
-    _write_run(tmp_path / "lora-ie", status="running")
-    assert nb.replace_or_resume_run(tmp_path, "lora-ie", "other", options, training)[1] is False
-    assert not (tmp_path / "lora-ie").exists()
-    _write_run(tmp_path / "lora-ie")  # finished: a new run replaces it
-    assert nb.replace_or_resume_run(tmp_path, "lora-ie", "tiny", options, training)[1] is False
-    assert "Replacing" in capsys.readouterr().out
-    _write_run(tmp_path / "lora-ie", status="failed", error="KeyboardInterrupt")  # interrupted: resumed
-    assert nb.replace_or_resume_run(tmp_path, "lora-ie", "tiny", options, training) == (tmp_path / "lora-ie", True)
-    (tmp_path / "lora-ie" / "my_notes.txt").write_text("mine")
-    _write_run(tmp_path / "lora-ie", trained_at="2026-01-01T00:00:00Z", record_version=1)
-    assert nb.replace_or_resume_run(tmp_path, "lora-ie", "tiny", options, training)[1] is False
-    assert [p.name for p in (tmp_path / "lora-ie").iterdir()] == ["my_notes.txt"]  # only the run's files go
-
-
-def test_training_options_follow_the_recipe_rule():
-    from helpers.recipe import resolve_recipe
-
-    recipe = resolve_recipe("THUDM/chatglm-6b-int4", "lora", "ie", device="cpu", gpu_memory_gib=15, check_data=False)
-    options = nb.training_options("lora", toy=False, gpu_memory_gib=15)
-    assert {k: options[k] for k in recipe.training.as_options() if k in options} == {
-        k: v for k, v in recipe.training.as_options().items() if k in options}
+    params = nb.params_from_env({}, model=str(tiny_checkpoint), task="ie", steps=None, learning_rate=None,
+                                eval_limit=None, runs_dir=None, **parameters)
+    from_notebook = resolve_recipe(params.model, method, params.task, method_options=notebook_options(method, params),
+                                   **recipe_settings(params))
+    args = build_parser().parse_args(["train", "--model", str(tiny_checkpoint), "--method", method, "--out", "x",
+                                      *argv])
+    from_cli = resolve_recipe(args.model, method, args.task, method_options=method_options(args),
+                              **given_settings(args))
+    assert from_notebook == from_cli
+    trained = [apply_method(load_model(str(tiny_checkpoint))[0], method, **recipe.method_options).trainable
+               for recipe in (from_notebook, from_cli)]
+    assert trained[0] == trained[1] and trained[0]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -296,7 +267,7 @@ def test_live_loss_plot_updates_one_display(monkeypatch):
 
     import IPython.display
 
-    monkeypatch.setattr(helpers.display, "_shell_active", lambda: True)
+    monkeypatch.setattr(helpers.course.display, "shell_active", lambda: True)
     monkeypatch.setattr(IPython.display, "display", display)
     _feed(nb.LiveLossPlot(every=2), [3.0, 2.0, 1.0, 0.5])
     kinds = [kind for kind, _ in shown]
@@ -309,10 +280,11 @@ def test_live_loss_plot_updates_one_display(monkeypatch):
 
 
 def _run(method, task, loss=1.0):
-    info = {"name": f"{method}-{task}", "method": method, "task": task, "trainable_params": 10, "all_params": 100,
-            "peak_memory_bytes": 2**20, "train_runtime_s": 1.0, "status": "finished"}
+    record = RunRecord(Path(f"{method}-{task}"), name=f"{method}-{task}", method=method, task=task,
+                       trainable_params=10, all_params=100, peak_memory_bytes=2**20, train_runtime_s=1.0,
+                       status="finished")
     history = [{"step": 1, "loss": loss + 1}, {"step": 2, "loss": loss}]
-    return Run(path=None, info=info, history=history, metrics={"task": task, "main_metric": "f1", "f1": 0.1})
+    return Run(record, history=history, metrics={"task": task, "main_metric": "f1", "f1": 0.1})
 
 
 def test_main_task():
@@ -342,7 +314,7 @@ def test_task_files_default_to_the_bundled_sample():
 
 
 def test_heldout_perplexity(small_tokenizer):
-    from helpers.evaluation import heldout_texts, perplexity
+    from helpers.run.evaluation import heldout_texts, perplexity
     from tests.conftest import model_for
 
     model = model_for(small_tokenizer, seed=0)
@@ -373,7 +345,7 @@ def test_prefix_projection_follows_the_memory_estimate(capsys, gpu_gib, expected
     out = capsys.readouterr().out
     seq = get_task("ie").max_source_length + get_task("ie").max_target_length + 3
     peak = estimate(nb.REAL_MODEL, "ptuning_v2", seq=seq, batch=1, gradient_checkpointing=True,
-                    prefix_projection=True).total / nb.GIB
+                    prefix_projection=True).total / 2**30
     assert f"estimated peak is {peak:.1f} GiB" in out and f"this GPU has {gpu_gib:.1f} GiB" in out
     assert ("WARNING" in out and "IE F1 0.0" in out) is not expected
 

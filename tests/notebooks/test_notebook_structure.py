@@ -10,7 +10,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from helpers.plotting import published_results
+from helpers.reference import published_results
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parents[2] / "notebooks"
 METHOD_OF = {"01_freeze.ipynb": "freeze", "02_embedding.ipynb": "embedding", "03_ptuning_v2.ipynb": "ptuning_v2",

@@ -17,7 +17,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from helpers.run_policy import training_options
+from helpers.run.recipe import resolve_recipe
 
 REPO = Path(__file__).resolve().parents[2]
 NOTEBOOKS_DIR = REPO / "notebooks"
@@ -143,9 +143,9 @@ def check_method_run(notebook, name: str, run: Path, task: str, steps: int, rows
     assert any(t.startswith("| metric | value |") and f"**{main}** (main)" in t for t in tables), f"{name}: no metrics"
     text = stdout(notebook)
     assert "TOY MODE" in text, f"{name}: the tiny model must come with its banner"
-    defaults = training_options(method, toy=True, task=task)
-    assert (f"Training: {steps} steps at learning rate {defaults['learning_rate']:g} (this model's defaults for "
-            f"{method} on {task}: {defaults['max_steps']} steps") in text, f"{name}: the setup must say what it trains"
+    defaults = resolve_recipe(str(tiny_checkpoint), method, task, check_data=False)
+    assert (f"Training: {steps} steps at learning rate {defaults.learning_rate:g} (this model's defaults for "
+            f"{method} on {task}: {defaults.steps} steps") in text, f"{name}: the setup must say what it trains"
     assert "trainable params:" in text and "same answer after reloading: True" in text
     assert f"helpers.{method} trains exactly" in text, f"{name}: the mechanism cell and helpers.{method} disagree"
     metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
@@ -162,7 +162,7 @@ def check_method_run(notebook, name: str, run: Path, task: str, steps: int, rows
     printed = BY_HAND.findall(text)
     assert len(printed) == 1, f"{name}: expected one 'by hand: N trainable parameters' line, found {printed}"
     model, _ = load_model(tiny_checkpoint)
-    setup = apply_method(model, method, **record["method_options"])
+    setup = apply_method(model, method, **record["recipe"]["method_options"])
     assert int(printed[0].replace(",", "")) == setup.trainable_params
     assert record["trainable_params"] == setup.trainable_params
 
@@ -175,9 +175,10 @@ def test_method_notebook(executed, name, tiny_checkpoint):
     if name == "01_freeze.ipynb":  # the data and the token layout are explained here, once
         tables = [o["data"]["text/markdown"] for o in outputs(notebook, "text/markdown")]
         assert any("`[gMASK]`" in t and "`<sop>`" in t and "-100" in t for t in tables), f"{name}: no token layout"
-        options = json.loads((run / "run.json").read_text(encoding="utf-8"))["method_options"]
+        options = json.loads((run / "run.json").read_text(encoding="utf-8"))["recipe"]["method_options"]
         model_layers = json.loads((tiny_checkpoint / "config.json").read_text(encoding="utf-8"))["num_layers"]
-        assert options["layers"] < model_layers, "the tiny model's default must leave some blocks frozen"
+        cli = resolve_recipe(str(tiny_checkpoint), "freeze", "ie", check_data=False).method_options
+        assert options == cli, "the notebook trains what the command line trains for the same method and model"
         assert f"training the last {options['layers']} of {model_layers} blocks" in stdout(notebook)
 
 
@@ -199,7 +200,7 @@ def test_compare_notebook(executed):
     assert len(comparison) == 1, "the comparison table is shown once"
     assert_clean(notebook, "05_compare.ipynb")
     published = [t for t in tables if "Source: [liucongg/ChatGLM-Finetuning README]" in t]
-    from helpers.plotting import published_markdown
+    from helpers.reference import published_markdown
 
     assert published == [published_markdown()], "05 renders the published table from data/reference, once"
     text = stdout(notebook)

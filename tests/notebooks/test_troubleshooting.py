@@ -80,7 +80,7 @@ def test_the_ways_around_work(executed):
 
 
 def test_published_table_comes_from_data_reference(executed):
-    from helpers.plotting import published_markdown
+    from helpers.reference import published_markdown
 
     notebook, _ = executed
     tables = [o["data"]["text/markdown"] for cell in notebook.cells if cell.cell_type == "code"

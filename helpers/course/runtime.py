@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 
-from .models import default_dtype, is_small_model
+from ..models import default_dtype, is_small_model
+from ..run.memory import GIB
 
 REAL_MODEL = "THUDM/chatglm-6b-int4"
-GIB = 1 << 30
 TOY_BANNER = """\
 +------------------------------------------------------------------------------------------+
 |  TOY MODE: no GPU here, so this notebook uses the embedded TINY ChatGLM.                 |
@@ -26,15 +26,14 @@ TOY_BANNER = """\
 |  tasks a little, so losses, metrics and answers below are toy-sized. For real results    |
 |  use a GPU runtime (Colab: Runtime > Change runtime type > GPU).                         |
 +------------------------------------------------------------------------------------------+"""
-_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+TRUE, FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 
 
-def _parse_bool(key: str, raw: str) -> bool:
+def parse_bool(key: str, raw: str) -> bool:
     value = raw.strip().lower()
-    if value in _TRUE | _FALSE:
-        return value in _TRUE
-    raise ValueError(f"{key}={raw!r}: expected one of {', '.join(sorted(_TRUE | _FALSE))}")
-
+    if value in TRUE | FALSE:
+        return value in TRUE
+    raise ValueError(f"{key}={raw!r}: expected one of {', '.join(sorted(TRUE | FALSE))}")
 
 
 def in_colab() -> bool:
@@ -50,7 +49,7 @@ def interactive_frontend() -> bool:
     """
     forced = os.environ.get("COURSE_TENSORBOARD", "").strip()
     if forced:
-        return _parse_bool("COURSE_TENSORBOARD", forced)
+        return parse_bool("COURSE_TENSORBOARD", forced)
     if os.environ.get("CI"):
         return False
     return in_colab() or bool(os.environ.get("JPY_SESSION_NAME"))
@@ -58,7 +57,7 @@ def interactive_frontend() -> bool:
 
 def repository_root() -> Path | None:
     """The course's checkout (the folder holding ``pyproject.toml`` next to ``helpers/``), if installed from one."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     return root if (root / "pyproject.toml").is_file() else None
 
 

@@ -14,9 +14,11 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from .data import IGNORE_INDEX, Example, Task, encode_example
-from .plotting import METHOD_COLORS, smooth
-from .runs import Run, read_predictions
+from ..estimate import NOTEBOOK_GPUS, full_size_line
+from ..plotting import METHOD_COLORS, comparison_markdown, comparison_rows, plot_comparison, smooth
+from ..run.record import Run, read_predictions
+from ..tasks import IGNORE_INDEX, TASKS, Example, Task, encode_example
+from .runtime import interactive_frontend
 
 
 @dataclasses.dataclass
@@ -135,7 +137,7 @@ def show_artifact(run_dir: str | os.PathLike) -> Table:
     return Table("\n".join(lines) + f"\n\n{len(files)} files, {total / 2**20:,.2f} MiB in {folder.name}/.")
 
 
-def _shell_active() -> bool:
+def shell_active() -> bool:
     try:
         from IPython.core.interactiveshell import InteractiveShell
     except ImportError:
@@ -195,7 +197,7 @@ class LiveLossPlot(TrainerCallback):
         return fig
 
     def _show(self) -> None:
-        if not _shell_active():
+        if not shell_active():
             return
         from IPython.display import display
 
@@ -213,7 +215,6 @@ def tensorboard_hint(logdir: str | os.PathLike) -> None:
           f"  in Colab or Jupyter:  %load_ext tensorboard   then   %tensorboard --logdir {logdir}")
 
 
-
 def show_runs(runs: Sequence[Run], runs_dir: str | os.PathLike) -> Table:
     """The runs found (name, task, model, steps, status), or a clear message when there are none."""
     if not runs:
@@ -223,8 +224,75 @@ def show_runs(runs: Sequence[Run], runs_dir: str | os.PathLike) -> Table:
                      "below still run; their plots and tables stay empty.")
     lines = ["| run | method | task | model | steps | status | evaluated |", "|---|---|---|---|---|---|---|"]
     for run in runs:
-        model = str(run.info.get("model", "–"))
+        model = str(run.record.model or "–")
         model = Path(model).name if Path(model).is_dir() else model  # a local folder: its name is enough
-        lines.append(f"| {run.name} | {run.method} | {run.task} | {model} | {run.info.get('global_step', '–')} | "
-                     f"{run.info.get('status', '–')} | {'yes' if run.metrics else 'no'} |")
+        step = run.record.global_step if run.record.global_step is not None else "–"
+        lines.append(f"| {run.name} | {run.method} | {run.task} | {model} | {step} | {run.status} | "
+                     f"{'yes' if run.metrics else 'no'} |")
     return Table("\n".join(lines) + f"\n\n{len(runs)} runs in `{runs_dir}`.")
+
+
+def full_size_table(variants: Sequence[tuple[str, dict]] | None = None) -> Table:
+    """The four methods (and variants) at full size, side by side, as a Markdown table."""
+    variants = variants or [("freeze", {}), ("freeze", {"dequantize": True}), ("embedding", {}),
+                            ("ptuning_v2", {}), ("ptuning_v2", {"prefix_projection": False}), ("lora", {})]
+    lines = ["| method | options | trainable params | trainable % | weights + optimizer GiB | peak GiB | "
+             + " | ".join(f"fits {gpu}" for gpu in NOTEBOOK_GPUS) + " |", "|---" * (6 + len(NOTEBOOK_GPUS)) + "|"]
+    for method, options in variants:
+        size = full_size_line(method, **options)
+        percent = size.line.rsplit(":", 1)[1].strip()
+        fits = " | ".join("yes" if ok else "no" for ok in size.fits().values())
+        lines.append(f"| {method} | {', '.join(f'{k}={v}' for k, v in options.items()) or 'defaults'} | "
+                     f"{size.trainable:,} | {percent} | {size.total_gib:.1f} | {size.peak_gib:.1f} | {fits} |")
+    return Table("\n".join(lines))
+
+
+
+class ComparisonExplorer:
+    """Widgets to pick a task and methods; the comparison figure and table below them follow the choice.
+
+    The figure and table are ordinary outputs updated in place; without an interactive frontend only they are
+    shown.
+    """
+
+    def __init__(self, runs: Sequence[Run], task: str | None = None) -> None:
+        import ipywidgets as widgets
+
+        self.runs = list(runs)
+        tasks = [t for t in TASKS if any(run.task == t for run in self.runs)] or list(TASKS)
+        methods = list(dict.fromkeys(run.method for run in self.runs))
+        self.task = widgets.Dropdown(options=tasks, value=task if task in tasks else tasks[0], description="task")
+        self.methods = widgets.SelectMultiple(options=methods, value=tuple(methods), description="methods",
+                                              rows=max(2, len(methods)))
+        self.task.observe(self.update, names="value")
+        self.methods.observe(self.update, names="value")
+        self.controls = widgets.HBox([self.task, self.methods])
+        self._figure = self._table = None
+
+    def selected(self) -> list[Run]:
+        return [run for run in self.runs if run.task == self.task.value and run.method in self.methods.value]
+
+    def views(self):
+        runs = self.selected()
+        return plot_comparison(runs), Table(comparison_markdown(comparison_rows(runs)))
+
+    def show(self) -> None:
+        """Display the controls, then the figure and table for the current choice.
+
+        Run headless (papermill, the tests) there is nobody to use the controls, and a saved notebook would keep
+        only their text repr (``HBox(children=...``), so only the figure and table are shown there.
+        """
+        from IPython.display import display
+
+        if interactive_frontend():
+            display(self.controls)
+        figure, table = self.views()
+        self._figure = display(figure, display_id=True)
+        self._table = display(table, display_id=True)
+
+    def update(self, change=None) -> None:
+        """Redraw the figure and table (called by the widgets; call it yourself after changing ``runs``)."""
+        figure, table = self.views()
+        if self._figure is not None:
+            self._figure.update(figure)
+            self._table.update(table)

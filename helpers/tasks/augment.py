@@ -19,7 +19,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .data import Example
+from .rows import Example
 
 FAULTS = ("部件故障", "性能故障")
 REPORT_NUMBER = re.compile(r"(\d+)号汽车故障报告")

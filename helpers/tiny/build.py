@@ -36,9 +36,10 @@ from chatglm import ChatGLMConfig, ChatGLMForConditionalGeneration, ChatGLMToken
 from chatglm.configuration import MODEL_AUTO_MAP, vocabulary_fields
 from chatglm.vocab import train_compatible_vocab, write_tokenizer_files
 
-from .data import IGNORE_INDEX, TASKS, Collator, bundled_path, read_examples
-from .errors import UserError
-from .paths import DATA_DIR, cache_root
+from ..errors import UserError
+from ..files import DATA_DIR, cache_root
+from ..tasks import IGNORE_INDEX, TASKS, Collator, bundled_path
+from ..tasks.rows import read_examples
 from .pretraining import Exercise, exercises
 
 BUILD_VERSION = 4  # bump when the build code changes in a way that changes the result
