@@ -1,4 +1,4 @@
-"""Command line: ``python -m helpers compare|train|evaluate|params|estimate|download|build-tiny``.
+"""Command line: ``python -m helpers compare|train|evaluate|params|estimate|download|export-runs|build-tiny``.
 
 The run options are the recipe's settings (:mod:`helpers.run.recipe`) and the methods' options
 (:data:`helpers.methods.METHOD_OPTIONS`), built from their declarations: one ``--flag`` per setting, its help and its
@@ -154,6 +154,18 @@ def cmd_download(args) -> int:
     return 0
 
 
+def cmd_export_runs(args) -> int:
+    from .run.bundle import export_runs
+
+    runs = export_runs(args.runs_dir, args.out)
+    for run in runs:
+        print(f"  {run.path.name}: {run.method} on task {run.task}, {run.origin()}")
+    size = Path(args.out).stat().st_size
+    print(f"Wrote {args.out}: {len(runs)} run{'s' if len(runs) != 1 else ''}, {size / 1024:.1f} KiB (records, loss "
+          "histories, metrics and predictions; no weights)")
+    return 0
+
+
 def cmd_build_tiny(args) -> int:
     from .tiny import build_from_options
 
@@ -238,6 +250,14 @@ def add_download(commands) -> None:
     download.set_defaults(func=cmd_download)
 
 
+def add_export_runs(commands) -> None:
+    export = commands.add_parser("export-runs", help="bundle finished runs into a small zip to share (no weights)")
+    export.add_argument("runs_dir", metavar="RUNS_DIR", help="a folder of run folders (runs/compare-ie), or one run "
+                                                             "folder")
+    export.add_argument("--out", required=True, help="the new bundle, NAME.zip (never overwritten)")
+    export.set_defaults(func=cmd_export_runs)
+
+
 def add_build_tiny(commands) -> None:
     from .tiny import BUILD_DESCRIPTION, parser
 
@@ -246,7 +266,8 @@ def add_build_tiny(commands) -> None:
     build.set_defaults(func=cmd_build_tiny)
 
 
-COMMANDS = [add_compare, add_train, add_evaluate, add_params, add_estimate, add_download, add_build_tiny]
+COMMANDS = [add_compare, add_train, add_evaluate, add_params, add_estimate, add_download, add_export_runs,
+            add_build_tiny]
 
 
 class OneLineParser(argparse.ArgumentParser):

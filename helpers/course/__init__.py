@@ -32,6 +32,7 @@ from .notebook import (  # noqa: F401
     find_runs,
     loss_windows,
     main_task,
+    other_runs,
     progress_bars,
     quick_runs,
     quiet_loading,

@@ -362,3 +362,27 @@ def quick_runs(model: str, task: str, runs_dir: str | os.PathLike, steps: int | 
         run_recipe(resolve_recipe(model, method, task, steps=steps, eval_limit=eval_limit), folder, fresh=True)
         folders.append(folder)
     return folders
+
+
+def other_runs(source: str | os.PathLike | None, task: str) -> list[Run]:
+    """Runs made elsewhere, to draw next to this notebook's: a bundle (``.zip`` from ``export-runs``, e.g. a teacher's
+    real-model runs) or a folder of run folders; ``[]`` for ``None``.
+
+    Only finished runs of ``task`` are kept; each is labelled with the bundle's or folder's name (``Run.source``),
+    and one line says what was loaded. A damaged bundle, or one of another task only, is a one-line error.
+    """
+    if source is None:
+        return []
+    from ..errors import UserError
+    from ..run.bundle import load_bundle
+
+    path = Path(source)
+    runs = load_bundle(path, task)
+    if not runs:
+        raise UserError(f"{path}: no finished run in it; give a bundle made by python -m helpers export-runs, or a "
+                        "folder of finished run folders (or set it to None)")
+    for run in runs:
+        run.source = run.source or path.name
+    origins = "; ".join(dict.fromkeys(run.origin() for run in runs))
+    print(f"Loaded {len(runs)} run{'s' if len(runs) != 1 else ''} of task {task} from {path.name}: {origins}")
+    return runs

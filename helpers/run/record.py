@@ -9,8 +9,8 @@ A run folder (``runs/<name>/``) holds:
   ``checkpoints/checkpoint-<step>/`` (to resume);
 * ``eval-<time>/``: later evaluations (``python -m helpers evaluate --run``), never over the training results.
 
-:func:`load_runs` reads folders of runs as :class:`Run` objects for plots and tables; unfinished and failed runs are
-left out with a printed note unless asked for.
+:func:`load_runs` reads folders of runs (and bundles of runs, :mod:`helpers.run.bundle`) as :class:`Run` objects for
+plots and tables; unfinished and failed runs are left out with a printed note unless asked for.
 """
 
 from __future__ import annotations
@@ -264,6 +264,16 @@ class Run:
     def finished(self) -> bool:
         return self.status == "finished"
 
+    @property
+    def hardware(self) -> str:
+        """Where the run's times and memory were measured (records written before it was kept do not say)."""
+        return self.record.hardware or "hardware not recorded"
+
+    def origin(self) -> str:
+        """The run's model and hardware, for labels: ``THUDM/chatglm-6b-int4 on NVIDIA A100-SXM4-40GB``."""
+        model = self.record.model or "model not recorded"
+        return f"{Path(model).name if Path(model).is_absolute() else model} on {self.hardware}"
+
     def note(self) -> str:
         """Why a run is left out of comparisons, in one line."""
         step = self.record.global_step
@@ -292,15 +302,21 @@ def _method_rank(run: Run) -> tuple[int, str]:
 
 
 def load_runs(*paths: str | os.PathLike, unfinished: bool = False) -> list[Run]:
-    """Runs found at ``paths`` (run folders, or folders of run folders), ordered freeze, embedding, ptuning_v2, lora.
+    """Runs found at ``paths`` (run folders, folders of run folders, or bundles of runs: ``.zip`` files written by
+    ``export-runs``), ordered freeze, embedding, ptuning_v2, lora.
 
     Folders without ``run.json`` are skipped; other methods follow the four, by name. Unfinished and failed runs
     are left out with a printed note, unless ``unfinished`` (then each has its ``status``).
     """
+    from .bundle import read_bundle
+
     folders: list[Path] = []
     found_in: set[Path] = set()  # run folders found inside a given folder (a damaged record there is skipped)
+    loaded = []
     for path in map(Path, paths):
-        if (path / RUN_FILE).is_file():
+        if path.suffix == ".zip" and path.is_file():
+            loaded.extend(read_bundle(path))
+        elif (path / RUN_FILE).is_file():
             folders.append(path)
         elif path.is_dir():
             children = [child for child in sorted(path.iterdir()) if (child / RUN_FILE).is_file()]
@@ -309,9 +325,9 @@ def load_runs(*paths: str | os.PathLike, unfinished: bool = False) -> list[Run]:
             folders.extend(children)
             found_in.update(child.resolve() for child in children)
         else:
-            what = "is a file" if path.exists() else "no such folder"
-            raise UserError(f"{path}: {what}; give run folders or a folder of run folders (runs/)")
-    loaded = []
+            what = "is a file" if path.exists() else "no such file" if path.suffix == ".zip" else "no such folder"
+            raise UserError(f"{path}: {what}; give run folders, a folder of run folders (runs/) or a bundle of runs "
+                            "(.zip)")
     for folder in dict.fromkeys(folder.resolve() for folder in folders):
         try:
             loaded.append(load_run(folder))
