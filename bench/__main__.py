@@ -98,6 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     suite.add_argument("--json-out", help="write every record to this JSON file")
     suite.add_argument("--rows", action="store_true", help=argparse.SUPPRESS)  # the per-kernel child process
 
+    from .cpu import add_arguments as add_cpu_arguments
+
+    add_cpu_arguments(commands.add_parser("cpu", help="the INT4 model on the CPU: pure vs fast path, decode bound, "
+                                                      "LoRA step"))
+
     from .quality import add_arguments
 
     add_arguments(commands.add_parser("tune", help="tiny model: learning rates chosen on a validation split of train"),
@@ -162,6 +167,16 @@ def main(argv: list[str] | None = None) -> int:
         from .quality import run
 
         run(args)
+        return 0
+    elif args.command == "cpu":
+        from .cpu import child_main, fill_defaults, run_cpu
+
+        fill_defaults(args)
+        if args.child:
+            return child_main(args)
+        for record in run_cpu(args):
+            if args.json:
+                print(json.dumps(record), flush=True)
         return 0
     elif args.command == "suite":
         from .suite import run_rows, run_suite

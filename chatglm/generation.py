@@ -3,6 +3,10 @@
 At every cached step the new token's positions are [mask position, tokens since <sop>]. They come from the
 tokenizer's [b, 2, s] positions when given (extended by one column per step, with the 4D mask), otherwise from
 ``input_ids`` and the 2D padding mask, as each row alone would have them.
+
+Nothing runs past ``max_sequence_length``: ``generate`` refuses a prompt plus ``max_new_tokens`` (or a
+``max_length``) beyond it, naming the numbers; ``chat``/``stream_chat`` drop the oldest rounds of a history that does
+not fit, with a warning.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import queue
 import re
 import threading
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -67,7 +72,33 @@ class ChatGLMGenerationMixin(GenerationMixin):
             kwargs["glm_attention_mask"] = check_bool_mask(kwargs.pop("attention_mask"))
         if kwargs.get("position_ids") is not None:
             kwargs["glm_position_ids"] = kwargs.pop("position_ids")
+        given = (inputs, kwargs.get("input_ids"), kwargs.get("inputs_embeds"))
+        prompt = next((t for t in given if t is not None), None)
+        if prompt is not None and prompt.dim() >= 2:
+            self._check_generation_length(prompt.shape[1], kwargs)
         return super().generate(inputs, **kwargs)
+
+    def _check_generation_length(self, prompt: int, kwargs: dict) -> None:
+        """Refuse a generation that could run past ``max_sequence_length``, the longest text the model was made for.
+
+        The length is planned as ``transformers`` plans it: ``max_new_tokens`` (argument or generation config) wins
+        over ``max_length``.
+        """
+        config = kwargs.get("generation_config") or self.generation_config
+        max_new = kwargs.get("max_new_tokens", config.max_new_tokens)
+        if max_new is not None:
+            total, asked = prompt + max_new, f"max_new_tokens={max_new}"
+        else:
+            total = kwargs.get("max_length", config.max_length)
+            asked = f"max_length={total}"
+        limit = self.config.max_sequence_length
+        if total <= limit:
+            return
+        advice = (f"shorten the prompt below {limit} tokens" if prompt >= limit else
+                  f"lower max_new_tokens to at most {limit - prompt} (or max_length to at most {limit}), or shorten "
+                  f"the prompt")
+        raise ValueError(f"a prompt of {prompt} tokens with {asked} may reach {total} tokens, more than this model's "
+                         f"max_sequence_length {limit}: {advice}")
 
     def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
         return None  # ChatGLM positions come from the [gMASK]/<sop> layout, computed per step below
@@ -161,6 +192,27 @@ class ChatGLMGenerationMixin(GenerationMixin):
         prompt = "".join(f"[Round {i}]\n问：{q}\n答：{a}\n" for i, (q, a) in enumerate(history))
         return prompt + f"[Round {len(history)}]\n问：{query}\n答："
 
+    def _chat_inputs(self, tokenizer, query: str, history: list[tuple[str, str]], max_length: int):
+        """The tokenized prompt of ``query`` after ``history``, dropping the oldest rounds (with a warning) until it
+        leaves room for at least one answer token within ``max_length``; returns (inputs, history kept)."""
+        if max_length > self.config.max_sequence_length:
+            raise ValueError(f"max_length={max_length} is more than this model's max_sequence_length "
+                             f"{self.config.max_sequence_length}: pass at most that, or leave max_length out")
+        dropped = 0
+        while True:
+            inputs = tokenizer([self.build_chat_prompt(query, history[dropped:])], return_tensors="pt")
+            length = inputs["input_ids"].shape[1]
+            if length < max_length or dropped == len(history):
+                break
+            dropped += 1
+        if length >= max_length:
+            raise ValueError(f"the query alone is {length} tokens, which leaves no room for an answer within "
+                             f"max_length={max_length}: shorten it")
+        if dropped:
+            warnings.warn(f"chat: the conversation did not fit max_length={max_length}; dropped the oldest {dropped} "
+                          f"of {len(history)} round(s) of history ({length} prompt tokens now)", stacklevel=3)
+        return inputs.to(self.device), history[dropped:]
+
     def _chat_kwargs(self, tokenizer, max_length, do_sample, top_p, temperature, logits_processor, kwargs) -> dict:
         processors = LogitsProcessorList(logits_processor or [])
         processors.append(InvalidScoreLogitsProcessor(tokenizer.convert_tokens_to_ids("▁")))
@@ -173,7 +225,7 @@ class ChatGLMGenerationMixin(GenerationMixin):
         tokenizer,
         query: str,
         history: list[tuple[str, str]] | None = None,
-        max_length: int = 2048,
+        max_length: int | None = None,
         num_beams: int = 1,
         do_sample: bool = True,
         top_p: float = 0.7,
@@ -181,9 +233,13 @@ class ChatGLMGenerationMixin(GenerationMixin):
         logits_processor: LogitsProcessorList | None = None,
         **kwargs,
     ) -> tuple[str, list[tuple[str, str]]]:
-        """One chat turn: returns the answer and the updated history."""
-        history = list(history or [])
-        inputs = tokenizer([self.build_chat_prompt(query, history)], return_tensors="pt").to(self.device)
+        """One chat turn: returns the answer and the updated history.
+
+        ``max_length`` (prompt and answer together; default: the model's ``max_sequence_length``) may not exceed
+        ``max_sequence_length``; when the history does not fit, its oldest rounds are dropped, with a warning.
+        """
+        max_length = max_length or self.config.max_sequence_length
+        inputs, history = self._chat_inputs(tokenizer, query, list(history or []), max_length)
         gen = self._chat_kwargs(tokenizer, max_length, do_sample, top_p, temperature, logits_processor, kwargs)
         output = self.generate(**inputs, num_beams=num_beams, **gen)
         response = self.process_response(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:].tolist()))
@@ -195,7 +251,7 @@ class ChatGLMGenerationMixin(GenerationMixin):
         tokenizer,
         query: str,
         history: list[tuple[str, str]] | None = None,
-        max_length: int = 2048,
+        max_length: int | None = None,
         do_sample: bool = True,
         top_p: float = 0.7,
         temperature: float = 0.95,
@@ -203,8 +259,8 @@ class ChatGLMGenerationMixin(GenerationMixin):
         **kwargs,
     ) -> Iterator[tuple[str, list[tuple[str, str]]]]:
         """Like :meth:`chat`, but yields (answer so far, history) after every generated token."""
-        history = list(history or [])
-        inputs = tokenizer([self.build_chat_prompt(query, history)], return_tensors="pt").to(self.device)
+        max_length = max_length or self.config.max_sequence_length
+        inputs, history = self._chat_inputs(tokenizer, query, list(history or []), max_length)
         gen = self._chat_kwargs(tokenizer, max_length, do_sample, top_p, temperature, logits_processor, kwargs)
         streamer = _TokenQueue()
         errors: list[BaseException] = []

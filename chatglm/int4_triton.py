@@ -1,6 +1,6 @@
 """Fused INT4 kernels in Triton: unpack + scale + matmul in one pass over the packed weight.
 
-The weight is the public checkpoint format of :mod:`chatglm.quantization`: int8 bytes ``[N, K // 2]`` holding two
+The weight is the public checkpoint format of :mod:`chatglm.weight_format`: int8 bytes ``[N, K // 2]`` holding two
 int4 values each (the even input index in the high nibble) and one fp16 scale per output row ``[N]``. Three kernels:
 
 - :func:`int4_linear` (forward, any number of rows): ``y[M, N] = x[M, K] @ W.T``, tiled like a GEMM;
@@ -9,7 +9,7 @@ int4 values each (the even input index in the high nibble) and one fp16 scale pe
 - :func:`int4_linear_input_grad` (backward): ``grad_x[M, K] = grad_y[M, N] @ W``.
 
 Rounding follows the pure path: each weight is dequantized as ``q * scale`` (exact in fp32) and rounded once to
-the input's dtype, exactly as :func:`chatglm.quantization.dequantize_weight` does, then multiplied with fp32
+the input's dtype, exactly as :func:`chatglm.weight_format.dequantize_weight` does, then multiplied with fp32
 accumulation and rounded once to the input's dtype at the end. The only difference is the order of the fp32 sums
 (tiles, K slices, fused multiply-adds). In the interpreter (the tests) bf16 tiles enter ``tl.dot`` as fp32 (its bf16
 dot is wrong there; the products are exact either way) and fp32 -> bf16 is rounded by hand (it truncates there).
@@ -28,6 +28,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from .weight_format import dequantize_weight
 
 OLDEST_TRITON = (3, 4)  # the oldest release tested (the `test` extra of pyproject.toml pins the range)
 if tuple(int(part) for part in triton.__version__.split(".")[:2]) < OLDEST_TRITON:
@@ -313,8 +315,6 @@ def benchmark_shapes(device: str = "cuda", dtype: torch.dtype = torch.float16, r
     runs only in the interpreter (``TRITON_INTERPRET=1``, small ``shapes``), as a dry run of this function.
     """
     import time
-
-    from chatglm.quantization import dequantize_weight
 
     gen = torch.Generator(device=device).manual_seed(0)
     cuda = torch.device(device).type == "cuda"
