@@ -1,4 +1,4 @@
-"""Command line: ``python -m helpers compare|train|evaluate|params|estimate|download|export-runs|build-tiny``.
+"""Command line: ``python -m helpers compare|train|evaluate|chat|params|estimate|download|export-runs|build-tiny``.
 
 The run options are the recipe's settings (:mod:`helpers.run.recipe`) and the methods' options
 (:data:`helpers.methods.METHOD_OPTIONS`), built from their declarations: one ``--flag`` per setting, its help and its
@@ -154,6 +154,40 @@ def cmd_download(args) -> int:
     return 0
 
 
+def cmd_chat(args) -> int:
+    from .chat import converse, messages, open_session
+
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    _expect(args.model, args.run, "chat")
+    session = open_session(args.model, args.run, args.task, args.device, args.dtype, args.max_new_tokens,
+                           args.side_by_side)
+    _report_kernel(session.model)
+    converse(session, messages(args.prompt), side_by_side=args.side_by_side)
+    return 0
+
+
+def _expect(model: str | None, run: str | None, what: str) -> None:
+    """One line before a full-size model loads on a CPU: the memory it will take and how its speed is reported."""
+    from .models import is_small_model
+    from .run.record import RunRecord
+
+    name = model or (RunRecord.load(run).base_model() if run else "tiny")
+    if is_small_model(name):
+        return
+    from .estimate import estimate_generation
+
+    memory = estimate_generation(name, device="cpu", compute_bytes=2).total / (1 << 30)
+    print(f"{what}: loading {name}, about {memory:.1f} GiB of memory in bf16 (estimate; more for long prompts); "
+          "the speed is shown as it goes")
+
+
+def _report_kernel(model) -> None:
+    from chatglm.quantization import kernel_report
+
+    print(f"matmul: {kernel_report(model)}; computing in {str(next(model.parameters()).dtype).replace('torch.', '')}")
+
+
 def cmd_export_runs(args) -> int:
     from .run.bundle import export_runs
 
@@ -216,6 +250,19 @@ def add_evaluate(commands) -> None:
     evaluate.set_defaults(func=cmd_evaluate)
 
 
+def add_chat(commands) -> None:
+    chat = commands.add_parser("chat", help="talk to a model, streamed: the base model, a run, or both side by side")
+    chat.add_argument("--model", help="the base model (default: tiny; with --run: where its base model is now)")
+    chat.add_argument("--run", help="a finished run folder: chat with the fine-tuned model")
+    chat.add_argument("--side-by-side", action="store_true", help="with --run: the base model's answer first, then "
+                                                                  "the fine-tuned one's")
+    chat.add_argument("--task", choices=sorted(TASKS), help="answer in the task's layout (default: the run's task; "
+                                                            "without a run, ChatGLM's chat layout)")
+    chat.add_argument("--prompt", help="one message to answer (default: read messages line by line until EOF)")
+    add_options(chat, ("max_new_tokens", "device", "dtype"))
+    chat.set_defaults(func=cmd_chat)
+
+
 def add_params(commands) -> None:
     params = commands.add_parser("params", help="trainable-parameter line of a method at full size (offline)")
     params.add_argument("--model", default="THUDM/chatglm-6b-int4")
@@ -266,7 +313,7 @@ def add_build_tiny(commands) -> None:
     build.set_defaults(func=cmd_build_tiny)
 
 
-COMMANDS = [add_compare, add_train, add_evaluate, add_params, add_estimate, add_download, add_export_runs,
+COMMANDS = [add_compare, add_train, add_evaluate, add_chat, add_params, add_estimate, add_download, add_export_runs,
             add_build_tiny]
 
 
