@@ -289,6 +289,7 @@ class FullSize:
     options: dict
     line: str
     trainable: int
+    all_params: int
     weights_bytes: int
     states_bytes: int
     peak_bytes: int
@@ -322,5 +323,5 @@ def full_size_line(method: str, model: str = "THUDM/chatglm-6b-int4", **options:
     """Apply ``method`` to the full-size model on the ``meta`` device (nothing is downloaded or allocated)."""
     setup = apply_method(meta_model(model), method, **options)
     memory = estimate(model, method, **PEAK_SETTINGS, **options)
-    return FullSize(method, model, dict(setup.options), str(setup), setup.trainable_params, memory.weights,
-                    memory.gradients + memory.optimizer, memory.total)
+    return FullSize(method, model, dict(setup.options), str(setup), setup.trainable_params, setup.all_params,
+                    memory.weights, memory.gradients + memory.optimizer, memory.total)

@@ -17,6 +17,8 @@ from .display import (  # noqa: F401
     Table,
     full_size_table,
     layout_rows,
+    rankings,
+    share_table,
     show_artifact,
     show_examples,
     show_layout,
@@ -40,7 +42,6 @@ from .notebook import (  # noqa: F401
     show,
     start_tensorboard,
     task_files,
-    text_progress_bars,
 )
 from .params import Params, params_from_env  # noqa: F401
 from .runtime import (  # noqa: F401

@@ -296,3 +296,46 @@ class ComparisonExplorer:
         if self._figure is not None:
             self._figure.update(figure)
             self._table.update(table)
+
+
+def share_table(runs: Sequence[Run]) -> Table:
+    """Each run's trainable share of its model next to the same method's at full size (Freeze with the course's 5 of
+    28 layers): on a small model the shares are not the real ones, one reason a toy ranks methods differently."""
+    lines = ["| run | trainable here | share here | trainable at full size | share at full size |",
+             "|---|---|---|---|---|"]
+    for run in runs:
+        record = run.record
+        if not record.trainable_params or not record.all_params:
+            continue
+        try:
+            options = {k: v for k, v in record.method_options.items() if k != "layers"}  # Freeze: the course's 5
+            full = full_size_line(run.method, **options)
+        except Exception:  # noqa: BLE001 - a method or options the full-size model does not take: no column
+            full = None
+        here = f"{record.trainable_params:,} | {100 * record.trainable_params / record.all_params:.2f} %"
+        there = f"{full.trainable:,} | {100 * full.trainable / full.all_params:.2f} %" if full else "– | –"
+        lines.append(f"| {run.name} | {here} | {there} |")
+    return Table("\n".join(lines))
+
+
+def rankings(runs: Sequence[Run]) -> list[str]:
+    """Lines ranking the runs by their task's main metric and by their final training loss, and the published
+    full-size IE ranking with its source, so a reader sees where the toy agrees with the real model and where not."""
+    from ..reference import published_results
+
+    evaluated = [run for run in runs if run.metrics.get("main_metric") in run.metrics]
+    lines = []
+    if evaluated:
+        main = evaluated[0].metrics["main_metric"]
+        by_metric = sorted(evaluated, key=lambda run: -run.metrics[main])
+        lines.append(f"your runs by {main}: " + " > ".join(f"{r.name} {r.metrics[main]:.3f}" for r in by_metric))
+    with_loss = [run for run in runs if run.record.final_loss is not None]
+    if with_loss:
+        by_loss = sorted(with_loss, key=lambda run: run.record.final_loss)
+        lines.append("your runs by final training loss (lowest first): "
+                     + " < ".join(f"{r.name} {r.record.final_loss:.3f}" for r in by_loss))
+    table = published_results()
+    rows = sorted(table["rows"], key=lambda row: -row["ie_f1"])
+    lines.append(f"published, ChatGLM-6B fp16, IE F1 ({table['repository']}, {table['ie_test_rows']} test rows): "
+                 + " > ".join(f"{row['method']} {row['ie_f1']}" for row in rows))
+    return lines

@@ -10,12 +10,13 @@ by :func:`helpers.run.recipe.resolve_recipe`, the run folder is decided by :func
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from ..methods import METHODS
 from ..run.record import Run, RunRecord, load_runs
@@ -84,26 +85,6 @@ def progress_bars() -> bool:
     return interactive_frontend()
 
 
-@contextlib.contextmanager
-def text_progress_bars():
-    """Run headless, the Trainer's bar is drawn as text, not as a widget.
-
-    A widget bar saved without a frontend keeps only its first frame ("0%|") as text; a text bar's saved output
-    ends with its last state. Where a person is watching, nothing changes.
-    """
-    if interactive_frontend():
-        yield
-        return
-    import transformers.trainer_callback as callbacks
-    from tqdm import std
-
-    widget_tqdm, callbacks.tqdm = callbacks.tqdm, std.tqdm
-    try:
-        yield
-    finally:
-        callbacks.tqdm = widget_tqdm
-
-
 def start_tensorboard(runs_dir: str | os.PathLike) -> None:
     """TensorBoard inside the notebook where a person is looking (Colab, Jupyter); otherwise print how to open it."""
     if not interactive_frontend():
@@ -143,6 +124,9 @@ class Course:
     train_rows: list
     test_rows: list
     perplexity_before: float
+    probe_ids: Any = None  # the first test row's prompt ids, and the base model's logits for it
+    base_logits: Any = None
+    answer_before: str = ""  # the base model's answer to the first test row
     trained_answer: tuple[str, str] | None = None  # (text, answer) of the trained model, for the reload check
 
     @property
@@ -158,8 +142,9 @@ class Course:
         return self.recipe.model
 
     def run_name(self, dequantized: bool = False) -> str:
-        """``<method>-<task>`` (``freeze-dequantized-<task>`` for dequantized Freeze): the run's folder name."""
-        return f"{self.method}{'-dequantized' if dequantized else ''}-{self.recipe.task}"
+        """The run's folder name: ``RUN_NAME``, else ``<method>-<task>`` (``freeze-dequantized-<task>``)."""
+        given = getattr(self.params, "run_name", None)
+        return given or f"{self.method}{'-dequantized' if dequantized else ''}-{self.recipe.task}"
 
     def train(self, setup, tensorboard: bool = True):
         """Train ``setup`` as the recipe says, with the live loss plot (and TensorBoard where a person looks)."""
@@ -179,12 +164,29 @@ class Course:
         decision = decide(self.runs_dir / self.run_name(bool(setup.options.get("dequantize"))), self.recipe, "replace")
         record = decision.begin(self.recipe)
         dataset = EncodedDataset(self.tokenizer, self.task, training_rows(self.recipe))
-        with text_progress_bars():
-            result = fit(record, decision.checkpoint, setup, self.tokenizer, dataset, self.recipe,
-                         callbacks=[LiveLossPlot(method=self.method)])
+        # Headless (a saved notebook) the live plot alone shows progress: one output updated in place, where a
+        # text progress bar would store every redraw.
+        result = fit(record, decision.checkpoint, setup, self.tokenizer, dataset, self.recipe,
+                     callbacks=[LiveLossPlot(method=self.method)], progress=progress_bars())
         print(f"{result.record.global_step} steps in {result.record.train_runtime_s:.0f} s, learning rate "
               f"{self.recipe.learning_rate:g}, final loss {result.final_loss:.4f}, run folder {record.folder}")
         return result
+
+    def logits(self, model=None):
+        """``model``'s logits (default: the base model's) for the first test row's prompt, without gradients."""
+        import torch
+
+        with torch.no_grad():
+            return (model or self.model)(input_ids=self.probe_ids, use_cache=False).logits
+
+    def share(self, setup) -> None:
+        """What ``setup`` trains on this model next to the same method at full size (counts and shares)."""
+        from ..estimate import full_size_line
+
+        full = full_size_line(setup.method, **setup.options)
+        print(f"trainable on this model: {setup.trainable_params:,} of {setup.all_params:,} parameters "
+              f"({100 * setup.trainable_params / setup.all_params:.2f} %); the same method at full size: "
+              f"{full.trainable:,} of {full.all_params:,} ({100 * full.trainable / full.all_params:.2f} %)")
 
     def describe_loss(self, result) -> None:
         """Print the mean loss over the first and last tenth of this run's steps (and how it moved)."""
@@ -236,13 +238,33 @@ class Course:
         return answer
 
     def plot_with_reference(self):
-        """This task's runs so far (solid) next to the original course's curves of their methods (dashed)."""
+        """This task's runs so far (solid), and others' (``OTHER_RUNS``), next to the original course's curves of their
+        methods (dashed)."""
         from ..plotting import plot_reference_curves
 
         runs = [run for run in load_runs(self.runs_dir) if run.task == self.recipe.task]
+        runs += other_runs(getattr(self.params, "other_runs", None), self.recipe.task)  # OTHER_RUNS, e.g. a teacher's
         if self.recipe.task != "ie":
             print(f"The original course's curves are IE runs; yours here are {self.recipe.task}: compare shapes only.")
         return plot_reference_curves(runs)
+
+
+def _print_memory_fit(course: Course) -> None:
+    """On a GPU, this run's estimated peak memory (its batch, tokens and checkpointing) next to the GPU's memory."""
+    gpu = course.runtime.get("gpu_memory_gib")
+    if course.toy or gpu is None:
+        return
+    from ..estimate import estimate
+    from ..run.memory import GIB
+
+    recipe = course.recipe
+    seq = recipe.max_source_length + recipe.max_target_length
+    peak = estimate(recipe.model, course.method, seq=seq, batch=recipe.batch_size,
+                    gradient_checkpointing=recipe.gradient_checkpointing, **recipe.method_options).total / GIB
+    fits = "it fits" if peak <= gpu else "it does NOT fit: expect an out-of-memory error; use a larger GPU"
+    print(f"Memory: about {peak:.1f} GiB at the peak for {course.method} (estimate: batch {recipe.batch_size} x "
+          f"{seq} tokens, gradient checkpointing {'on' if recipe.gradient_checkpointing else 'off'}); this GPU has "
+          f"{gpu:.1f} GiB: {fits}")
 
 
 def _print_setting_lines(course: Course, defaults) -> None:
@@ -267,7 +289,7 @@ def setup(method: str, show_data: bool = False, **parameters: Any) -> Course:
     from ..models import load_model
     from ..run.evaluation import generate_answers, heldout_perplexity
     from ..run.recipe import resolve_recipe
-    from ..tasks import load_split
+    from ..tasks import load_split, prompt_ids
     from .runtime import runtime_report
 
     quiet_loading()
@@ -292,12 +314,16 @@ def setup(method: str, show_data: bool = False, **parameters: Any) -> Course:
     print(f"Task {recipe.task} ({recipe.task_spec().title}): {len(train_rows)} training rows, {len(test_rows)} test "
           f"rows; main metric {recipe.task_spec().main_metric}")
     perplexity = heldout_perplexity(model, tokenizer)
-    course = Course(method, params, runtime, runs_dir, recipe, model, tokenizer, train_rows, test_rows, perplexity)
+    probe = torch.tensor([prompt_ids(tokenizer, recipe.task_spec(), test_rows[0].text)], device=model.device)
+    course = Course(method, params, runtime, runs_dir, recipe, model, tokenizer, train_rows, test_rows, perplexity,
+                    probe)
+    course.base_logits = course.logits()
     _print_setting_lines(course, resolve_recipe(model_name, method, recipe.task, config=config, check_data=False,
                                                 device=recipe.device, dtype=recipe.dtype))
-    answer = generate_answers(model, tokenizer, course.task, [test_rows[0].text], progress=False)[0]
-    print(f"Before fine-tuning: held-out perplexity {perplexity:.2f}; answer to the first test row {answer!r} "
-          f"(expected {test_rows[0].targets[0]!r})")
+    _print_memory_fit(course)
+    course.answer_before = generate_answers(model, tokenizer, course.task, [test_rows[0].text], progress=False)[0]
+    print(f"Before fine-tuning: held-out perplexity {perplexity:.2f}; answer to the first test row "
+          f"{course.answer_before!r} (expected {test_rows[0].targets[0]!r})")
     return course
 
 

@@ -17,8 +17,8 @@ from .runtime import parse_bool
 
 ENV_PREFIX = "COURSE_"
 # The course's own parameters (the others are recipe settings and method options, typed by their declarations).
-COURSE_PARAMETERS = {"model": str, "task": str, "runs_dir": str, "full_data": bool, "quick_compare": bool,
-                     "drive": bool}
+COURSE_PARAMETERS = {"model": str, "task": str, "runs_dir": str, "run_name": str, "other_runs": str,
+                     "full_data": bool, "quick_compare": bool, "drive": bool}
 
 
 def parameter_type(name: str, default: Any = None) -> type:

@@ -23,7 +23,7 @@ from peft import PeftModel
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.integrations import TensorBoardCallback
-from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.utils.notebook import NotebookProgressCallback
 
 from ..errors import UserError
@@ -159,6 +159,8 @@ def _trainer(setup: MethodSetup, tokenizer, dataset, recipe, run_dir: Path, resu
         trainer.remove_callback(ProgressCallback)
         trainer.remove_callback(NotebookProgressCallback)  # in Jupyter: one bar, not a table row per step
         trainer.add_callback(LossBar())
+    else:
+        trainer.remove_callback(PrinterCallback)  # without a bar Trainer prints every log line instead
     return trainer
 
 

@@ -366,20 +366,6 @@ def test_drive_only_on_colab(monkeypatch, capsys):
     assert "only applies on Colab" in capsys.readouterr().out
 
 
-def test_text_progress_bars_headless_and_restored(monkeypatch):
-    import transformers.trainer_callback as callbacks
-    from tqdm import std
-
-    monkeypatch.setenv("COURSE_TENSORBOARD", "0")
-    before = callbacks.tqdm
-    with nb.text_progress_bars():
-        assert callbacks.tqdm is std.tqdm
-    assert callbacks.tqdm is before
-    monkeypatch.setenv("COURSE_TENSORBOARD", "1")
-    with nb.text_progress_bars():
-        assert callbacks.tqdm is before
-
-
 def test_comparison_explorer_headless_shows_no_widgets(monkeypatch):
     import IPython.display
 

@@ -112,3 +112,29 @@ def test_drive_is_one_flag(name):
     parameters = next(c for c in notebook.cells if "parameters" in c.metadata.get("tags", []))
     assert re.search(r"^DRIVE = False\b", parameters.source, flags=re.M), f"{name}: DRIVE = False in the parameters"
     assert sum("drive=DRIVE" in c.source for c in notebook.cells) == 1
+
+
+@pytest.mark.parametrize("name", [*COURSE_NOTEBOOKS, "06_when_things_break.ipynb"])
+def test_no_template_placeholder_is_left_in_the_prose(name):
+    for index, cell in enumerate(read(name).cells):
+        if cell.cell_type == "markdown":
+            left = re.findall(r"\{[A-Za-z_]\w*\}", cell.source)
+            assert not left, f"{name} cell {index}: a placeholder was never filled in: {left[0]}"
+
+
+@pytest.mark.parametrize("name", METHOD_NOTEBOOKS)
+def test_exercises_that_train_again_name_another_run_folder(name):
+    """Rerunning a method with other settings replaces its run unless the exercise names a new RUN_NAME."""
+    cell = next(c for c in read(name).cells if c.cell_type == "markdown" and c.source.startswith("## Exercises"))
+    for item in re.split(r"\n(?=\d+\. \*\*)", cell.source)[1:]:
+        question = item.split("<details>")[0]
+        reruns = re.search(r"\b([Rr]un (again|the notebook again|with)|Set `(?!RUN_NAME)[A-Z_]+`|Double `)", question)
+        if reruns and "DEQUANTIZE" not in question:  # a dequantized run has a folder of its own
+            assert "RUN_NAME" in question, f"{name}: exercise {question[:40]!r} trains again without a new RUN_NAME"
+
+
+@pytest.mark.parametrize("name", COURSE_NOTEBOOKS)
+def test_answers_say_something(name):
+    """An answer is concrete or points to a cell that prints it; "read it from your runs" is no answer."""
+    cell = next(c for c in read(name).cells if c.cell_type == "markdown" and c.source.startswith("## Exercises"))
+    assert "read it from your runs" not in cell.source.lower(), f"{name}: an answer only says to read the runs"

@@ -27,6 +27,13 @@ ORDER = [*METHOD_NOTEBOOKS, "05_compare.ipynb"]
 OTHER_TASKS = {"02_embedding.ipynb": "cls", "04_lora.ipynb": "gen"}  # run after the five, with COURSE_TASK
 MAIN_METRIC = {"ie": "f1", "gen": "rouge_l", "cls": "accuracy"}
 BY_HAND = re.compile(r"by hand: ([\d,]+) trainable parameters")
+# What 03 and 04 print when their mechanism checks pass (each line follows an assert in the notebook).
+MECHANISM_CHECKS = {
+    "03_ptuning_v2.ipynb": ("largest difference to the layer's own output",
+                            "without its prefix the model gives the base model's logits, bit for bit: True"),
+    "04_lora.ipynb": ("with B = 0 the adapted model gives the base model's logits exactly: True",
+                      "adapters disabled: the base model's logits, bit for bit: True"),
+}
 
 pytestmark = pytest.mark.slow
 
@@ -147,6 +154,15 @@ def check_method_run(notebook, name: str, run: Path, task: str, steps: int, rows
     assert (f"Training: {steps} steps at learning rate {defaults.learning_rate:g} (this model's defaults for "
             f"{method} on {task}: {defaults.steps} steps") in text, f"{name}: the setup must say what it trains"
     assert "trainable params:" in text and "same answer after reloading: True" in text
+    assert "Training settings of this run" in text and "AdamW" in text, f"{name}: the setup shows the run's settings"
+    assert "trainable on this model:" in text and "at full size:" in text, f"{name}: the toy's share next to full size"
+    for phrase in MECHANISM_CHECKS.get(name, ()):
+        assert phrase in text, f"{name}: the mechanism check {phrase!r} did not print"
+    training = next(c for c in notebook.cells if c.cell_type == "code" and "S.train(setup)" in c.source)
+    streamed = "".join(o.get("text", "") for o in training.outputs if o.output_type == "stream")
+    assert len(training.outputs) <= 4 and len(streamed) < 5000, (
+        f"{name}: the training cell keeps one progress display, not {len(training.outputs)} outputs "
+        f"({len(streamed)} characters of text)")
     assert f"helpers.{method} trains exactly" in text, f"{name}: the mechanism cell and helpers.{method} disagree"
     metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["task"] == task and metrics["n"] == rows and main in metrics and "perplexity_after" in metrics
