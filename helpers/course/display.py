@@ -312,10 +312,25 @@ def share_table(runs: Sequence[Run]) -> Table:
             full = full_size_line(run.method, **options)
         except Exception:  # noqa: BLE001 - a method or options the full-size model does not take: no column
             full = None
-        here = f"{record.trainable_params:,} | {100 * record.trainable_params / record.all_params:.2f} %"
-        there = f"{full.trainable:,} | {100 * full.trainable / full.all_params:.2f} %" if full else "– | –"
+        here = f"{record.trainable_params:,} | {_percent(record.trainable_params / record.all_params)}"
+        there = f"{full.trainable:,} | {_percent(full.trainable / full.all_params)}" if full else "– | –"
         lines.append(f"| {run.name} | {here} | {there} |")
     return Table("\n".join(lines))
+
+
+def _percent(share: float) -> str:
+    """A share as a percentage with two significant digits at least: 35 %, 1.6 %, 0.0024 %."""
+    return f"{100 * share:.2g} %" if share < 0.1 else f"{100 * share:.0f} %"
+
+
+def _ranked(items: list[tuple[str, float]], larger_first: bool = True) -> str:
+    """``a 0.139 > b 0.072 = c 0.072``: the order and where values tie."""
+    ordered = sorted(items, key=lambda item: -item[1] if larger_first else item[1])
+    text = f"{ordered[0][0]} {ordered[0][1]:.3f}"
+    for (_, previous), (name, value) in zip(ordered, ordered[1:]):
+        sign = "=" if round(previous, 3) == round(value, 3) else ">" if larger_first else "<"
+        text += f" {sign} {name} {value:.3f}"
+    return text
 
 
 def rankings(runs: Sequence[Run]) -> list[str]:
@@ -327,13 +342,11 @@ def rankings(runs: Sequence[Run]) -> list[str]:
     lines = []
     if evaluated:
         main = evaluated[0].metrics["main_metric"]
-        by_metric = sorted(evaluated, key=lambda run: -run.metrics[main])
-        lines.append(f"your runs by {main}: " + " > ".join(f"{r.name} {r.metrics[main]:.3f}" for r in by_metric))
+        lines.append(f"your runs by {main}: " + _ranked([(run.name, run.metrics[main]) for run in evaluated]))
     with_loss = [run for run in runs if run.record.final_loss is not None]
     if with_loss:
-        by_loss = sorted(with_loss, key=lambda run: run.record.final_loss)
         lines.append("your runs by final training loss (lowest first): "
-                     + " < ".join(f"{r.name} {r.record.final_loss:.3f}" for r in by_loss))
+                     + _ranked([(run.name, run.record.final_loss) for run in with_loss], larger_first=False))
     table = published_results()
     rows = sorted(table["rows"], key=lambda row: -row["ie_f1"])
     lines.append(f"published, ChatGLM-6B fp16, IE F1 ({table['repository']}, {table['ie_test_rows']} test rows): "

@@ -383,3 +383,20 @@ def test_comparison_explorer_headless_shows_no_widgets(monkeypatch):
 def test_find_runs_in_a_folder_not_made_yet(tmp_path):
     assert nb.find_runs(tmp_path / "not-yet") == []
     assert nb.find_runs(tmp_path) == []
+
+
+def test_rankings_show_order_ties_and_the_published_ranking():
+    runs = [_run("freeze", "ie", loss=2.0), _run("lora", "ie", loss=0.5), _run("embedding", "ie", loss=1.0)]
+    runs[1].metrics["f1"] = 0.3
+    runs[1].record.final_loss, runs[0].record.final_loss = 0.5, 2.0
+    lines = nb.rankings(runs)
+    assert lines[0] == "your runs by f1: lora-ie 0.300 > freeze-ie 0.100 = embedding-ie 0.100"
+    assert lines[1] == "your runs by final training loss (lowest first): lora-ie 0.500 < freeze-ie 2.000"
+    assert lines[2].endswith("PT 0.6283 > Freeze 0.5675 > Lora 0.5359 > PT-Only-Embedding 0.0")
+
+
+def test_share_table_puts_the_toy_next_to_full_size():
+    run = _run("embedding", "ie")
+    run.record.trainable_params, run.record.all_params = 35, 100
+    table = nb.share_table([run]).text
+    assert "| embedding-ie | 35 | 35 % | 534,642,688 | 16 % |" in table
