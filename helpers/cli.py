@@ -159,7 +159,8 @@ def cmd_chat(args) -> int:
 
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    _expect(args.model, args.run, "chat")
+    if (args.device or "cpu") == "cpu":
+        _expect(args.model, args.run, "chat", args.dtype)
     session = open_session(args.model, args.run, args.task, args.device, args.dtype, args.max_new_tokens,
                            args.side_by_side)
     _report_kernel(session.model)
@@ -167,9 +168,9 @@ def cmd_chat(args) -> int:
     return 0
 
 
-def _expect(model: str | None, run: str | None, what: str) -> None:
+def _expect(model: str | None, run: str | None, what: str, dtype: str | None = None) -> None:
     """One line before a full-size model loads on a CPU: the memory it will take and how its speed is reported."""
-    from .models import is_small_model
+    from .models import DTYPES, default_dtype, dtype_name, is_small_model
     from .run.record import RunRecord
 
     name = model or (RunRecord.load(run).base_model() if run else "tiny")
@@ -177,9 +178,10 @@ def _expect(model: str | None, run: str | None, what: str) -> None:
         return
     from .estimate import estimate_generation
 
-    memory = estimate_generation(name, device="cpu", compute_bytes=2).total / (1 << 30)
-    print(f"{what}: loading {name}, about {memory:.1f} GiB of memory in bf16 (estimate; more for long prompts); "
-          "the speed is shown as it goes")
+    chosen = DTYPES[dtype_name(dtype)] if dtype else default_dtype("cpu", small=False)
+    memory = estimate_generation(name, device="cpu", compute_bytes=chosen.itemsize).total / (1 << 30)
+    print(f"{what}: loading {name} in {dtype_name(chosen)}, about {memory:.1f} GiB of memory (estimate; more for "
+          "long prompts or batches); the speed is shown as it goes")
 
 
 def _report_kernel(model) -> None:

@@ -53,6 +53,7 @@ class _Estimate:
     """What both estimates share: a ``parts()`` breakdown (bytes by name), its total, fits, and the printed table."""
 
     device: str
+    compute_bytes: int = 4
 
     def parts(self) -> dict[str, int]:
         raise NotImplementedError
@@ -68,7 +69,7 @@ class _Estimate:
         return _fits(self.total, self.device)
 
     def table(self) -> str:
-        return _table(self.head(), self.parts(), self.total, self.fits(), self.device)
+        return _table(self.head(), self.parts(), self.total, self.fits(), self.device, self.compute_bytes)
 
 
 @dataclass
@@ -87,6 +88,7 @@ class MemoryEstimate(_Estimate):
     unpack: int = 0
     overhead: int = CUDA_OVERHEAD
     device: str = "cuda"
+    compute_bytes: int = 2
 
     def parts(self) -> dict[str, int]:
         """Each part by name (what :meth:`table` prints and a notebook can plot)."""
@@ -111,13 +113,15 @@ class GenerationEstimate(_Estimate):
     logits: int
     unpack: int
     overhead: int
+    repacked: int = 0  # bf16 on a CPU: the int4pack kernels' copy of every INT4 matrix, made at first use
     device: str = "cuda"
+    compute_bytes: int = 2
     notes: list[str] = field(default_factory=list)
 
     def parts(self) -> dict[str, int]:
         return {"weights": self.weights, "KV cache": self.cache, "activations (prompt)": self.activations,
                 "logits": self.logits, "INT4 unpack (one matrix)": self.unpack,
-                _overhead_name(self.device): self.overhead}
+                "INT4 repacked (CPU fast path)": self.repacked, _overhead_name(self.device): self.overhead}
 
     def head(self) -> str:
         return f"generate, batch {self.batch} x ({self.prompt} prompt + {self.new_tokens} new tokens)"
@@ -136,9 +140,10 @@ def _fits(total: int, device: str) -> dict[str, bool]:
     return {f"this machine's RAM ({ram / GIB:.1f} GiB)": total <= ram}
 
 
-def _table(head: str, parts: dict[str, int], total: int, fits: dict[str, bool], device: str) -> str:
-    lines = [head + ("" if device == "cuda" else " (CPU, fp32)"), ""]
-    lines += [f"  {name:<26s}{value / GIB:8.2f} GiB" for name, value in {**parts, "total": total}.items()]
+def _table(head: str, parts: dict[str, int], total: int, fits: dict[str, bool], device: str,
+           compute_bytes: int = 4) -> str:
+    lines = [head + ("" if device == "cuda" else f" (CPU, {'fp32' if compute_bytes == 4 else 'bf16'})"), ""]
+    lines += [f"  {name:<30s}{value / GIB:8.2f} GiB" for name, value in {**parts, "total": total}.items()]
     lines += ["", "  fits on: " + ", ".join(f"{name} {'yes' if ok else 'no'}" for name, ok in fits.items())]
     return "\n".join(lines)
 
@@ -241,6 +246,7 @@ def estimate(model_name: str = "THUDM/chatglm-6b-int4", method: str = "lora", se
         method=method, seq=seq, batch=batch, weights=_weight_bytes(setup.model, compute_bytes),
         trainable_params=trainable, gradients=gradients, optimizer=8 * trainable, activations=saved, loss=loss,
         unpack=_unpack_bytes(setup.model, compute_bytes), overhead=overhead, device=device,
+        compute_bytes=compute_bytes,
     )
 
 
@@ -263,10 +269,16 @@ def estimate_generation(model_name: str = "THUDM/chatglm-6b-int4", prompt: int =
     activations = tokens * (2 * h + 2 * inner) * compute_bytes
     activations += batch * config.num_attention_heads * prompt * prompt * 4
     logits = batch * vocab * (compute_bytes + 4) * 2  # the last position's logits, fp32 scores and their processing
+    repacked = 0
+    if device == "cpu" and compute_bytes == 2:  # chatglm.quantization: as large as the packed weights
+        from chatglm.quantization import QuantizedLinear
+
+        repacked = sum(m.weight.numel() for m in model.modules() if isinstance(m, QuantizedLinear) and m.bits == 4)
     return GenerationEstimate(
         prompt=prompt, new_tokens=new_tokens, batch=batch, weights=_weight_bytes(model, compute_bytes), cache=cache,
         activations=activations, logits=logits, unpack=_unpack_bytes(model, compute_bytes),
-        overhead=CUDA_OVERHEAD if device == "cuda" else 0, device=device,
+        overhead=CUDA_OVERHEAD if device == "cuda" else 0, device=device, repacked=repacked,
+        compute_bytes=compute_bytes,
     )
 
 

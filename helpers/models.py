@@ -61,18 +61,29 @@ def parse_device(device: torch.device | str | None) -> torch.device:
     return parsed
 
 
-def default_dtype(device: torch.device | str) -> torch.dtype:
-    """fp32 on CPU; on GPU bf16 where supported (A100/H100), else fp16 (T4)."""
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes in bf16 natively (AVX512-BF16 or AMX); an AVX2 laptop or an ARM Mac does not."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+def default_dtype(device: torch.device | str, small: bool = True) -> torch.dtype:
+    """The compute dtype unless one is asked for: on a GPU bf16 where supported (A100/H100), else fp16 (T4).
+
+    On a CPU fp32, exact (the tiny model, the parity tests) — except ChatGLM-6B on a CPU with native bf16: bf16, where
+    PyTorch's int4pack kernels decode about 8x faster than fp32 (``bench/RESULTS.md``); ``dtype="fp32"`` keeps the
+    exact path there too.
+    """
     device = torch.device(device)
     if device.type != "cuda":
-        return torch.float32
+        return torch.bfloat16 if not small and cpu_has_bf16() else torch.float32
     return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
 
 
-def dtype_name(dtype: torch.dtype | str | None, device: torch.device | str = "cpu") -> str:
-    """The name (``fp32``, ``fp16``, ``bf16``) of ``dtype``; ``None`` gives the device's default."""
+def dtype_name(dtype: torch.dtype | str | None, device: torch.device | str = "cpu", small: bool = True) -> str:
+    """The name (``fp32``, ``fp16``, ``bf16``) of ``dtype``; ``None``: the default for the device and model size."""
     if dtype is None:
-        dtype = default_dtype(device)
+        dtype = default_dtype(device, small)
     if isinstance(dtype, torch.dtype):
         return next(name for name, value in DTYPES.items() if value == dtype)
     name = DTYPE_ALIASES.get(str(dtype).lower(), str(dtype).lower())
@@ -262,14 +273,15 @@ def load_model(name_or_path: str = "tiny", quantization_bit: int | None = None,
     """(model, tokenizer) in eval mode: the embedded ``"tiny"`` model, a local folder or a hub name.
 
     ``quantization_bit`` (4 or 8) quantizes a floating checkpoint after loading (on the target device, one
-    matrix at a time); an already quantized checkpoint keeps its format. Defaults: GPU if present, bf16/fp16 on
-    GPU and fp32 on CPU.
+    matrix at a time); an already quantized checkpoint keeps its format. Defaults: GPU if present; the dtype of
+    :func:`default_dtype` (bf16/fp16 on a GPU; fp32 on a CPU, bf16 for ChatGLM-6B on a CPU with native bf16).
     """
     if quantization_bit not in (None, 0, 4, 8):
         raise UserError(f"quantization_bit must be 4 or 8 (or left out), got {quantization_bit!r}")
     device = parse_device(device)
-    dtype = DTYPES[dtype_name(dtype, device)]
+    dtype = DTYPES[dtype_name(dtype, device)] if dtype is not None else None
     folder = resolve_checkpoint(name_or_path)
+    dtype = dtype or default_dtype(device, is_small_model(folder))
     load_kwargs = {"dtype": dtype}
     if device.type == "cuda":
         load_kwargs["device_map"] = {"": device.index or 0}  # weights go straight to the GPU

@@ -340,10 +340,10 @@ def _device(device: str | None) -> tuple[str, float | None]:
     return str(parsed), torch.cuda.get_device_properties(parsed.index or 0).total_memory / GIB
 
 
-def _dtype(dtype: str | None, device: str) -> str:
+def _dtype(dtype: str | None, device: str, small: bool) -> str:
     from ..models import dtype_name
 
-    name = dtype_name(dtype, device)
+    name = dtype_name(dtype, device, small)
     if device == "cpu" and name == "fp16":
         raise UserError("dtype (--dtype) fp16 does not train on a CPU; use fp32 (the default there) or bf16")
     return name
@@ -365,13 +365,14 @@ def resolve_recipe(model: str = "tiny", method: str | None = "lora", task: str =
         raise UserError(f"unknown method {method!r} (--method); choose one of {', '.join(METHODS)}")
     get_task(task)
     device, memory = _device(given.pop("device", None))
-    dtype = _dtype(given.pop("dtype", None), device)
+    dtype = given.pop("dtype", None)
     _check_gpu_memory(gpu_memory_gib)
-    if config is None:
-        from ..models import model_config
+    from ..models import dtype_name, is_small_model, model_config
 
+    dtype_name(dtype)  # its spelling is checked before the model is looked up
+    if config is None:
         config = model_config(model)
-    from ..models import is_small_model
+    dtype = _dtype(dtype, device, is_small_model(config))
 
     options = resolve_method_options(method, method_options, config) if method is not None else {}
     values = defaults(is_small_model(config), method, task, bool(options.get("dequantize")),

@@ -205,3 +205,24 @@ def test_every_setting_is_declared_once_for_the_command_line_and_the_notebooks()
     args = parser.parse_args(["--lr", "0.01", "--steps", "5", "--gradient-checkpointing", "--dtype", "bf16"])
     assert given_settings(args) == {"learning_rate": 0.01, "steps": 5, "gradient_checkpointing": True,
                                     "dtype": "bf16"}
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_the_real_model_computes_in_bf16_on_a_cpu_that_has_it_and_the_tiny_model_in_fp32(monkeypatch, tiny_checkpoint,
+                                                                                        native):
+    import helpers.models
+
+    monkeypatch.setattr(helpers.models, "cpu_has_bf16", lambda: native)
+    real = resolve_recipe(REAL, "lora", "ie", device="cpu", check_data=False)
+    assert real.dtype == ("bf16" if native else "fp32")
+    assert resolve_recipe(REAL, "lora", "ie", device="cpu", dtype="fp32", check_data=False).dtype == "fp32"
+    assert resolve_recipe(str(tiny_checkpoint), "lora", "ie", device="cpu").dtype == "fp32"  # exact, as measured
+
+
+def test_generation_on_a_cpu_in_bf16_counts_the_repacked_copy():
+    from helpers.estimate import estimate_generation
+
+    bf16 = estimate_generation(device="cpu", compute_bytes=2).parts()
+    fp32 = estimate_generation(device="cpu", compute_bytes=4).parts()
+    assert fp32["INT4 repacked (CPU fast path)"] == 0
+    assert bf16["INT4 repacked (CPU fast path)"] == 28 * (12288 + 4096 + 16384 + 16384) * 4096 // 2  # every INT4 byte
