@@ -10,8 +10,11 @@ Configurations (each in its own processes, so that every peak RSS is its own):
 
 For each: load time (``from_pretrained`` of a random checkpoint in the public INT4 layout, written once), the first
 forward pass (where the fast path repacks every weight), prefill time of each prompt (best pass), decode tokens/s
-for 1 and 8 sequences after a 32-token prompt (the median step of a greedy ``generate``) and the peak RSS; then, in a fresh process, one LoRA r=8 training step (time, peak RSS, CPU MFU: the step's model FLOPs
-per second over this CPU's measured ``torch.mm`` FLOP/s in the same dtype).
+for 1 and 8 sequences after a 32-token prompt (the median step of a greedy ``generate``), the peak RSS and the RSS at
+the end split into anonymous and file-backed pages (``from_pretrained`` memory-maps the safetensors file, so pages of
+the checkpoint it read count as resident though the system can drop them); then, in a fresh process, one LoRA r=8
+training step (time, peak RSS, CPU MFU: the step's model FLOPs per second over this CPU's measured ``torch.mm``
+FLOP/s in the same dtype).
 
 The decode bound: a decoding step reads every weight once, whatever the number of sequences, so it takes at least
 (bytes of the weights) / (read bandwidth). Counted: the quantized matrices as stored (4 bits a weight; the fast path's
@@ -87,6 +90,14 @@ def decode_bytes(model: nn.Module) -> int:
     return total + head.numel() * head.element_size()
 
 
+def _rss_parts() -> dict[str, int]:
+    """Resident memory now, split into anonymous pages and file-backed ones (a memory-mapped checkpoint's pages, which
+    the system can drop again)."""
+    fields = {"RssAnon:": "rss_anon", "RssFile:": "rss_file"}
+    lines = Path("/proc/self/status").read_text().splitlines()
+    return {fields[line.split()[0]]: int(line.split()[1]) * 1024 for line in lines if line.split()[0] in fields}
+
+
 def _peak_rss() -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -146,7 +157,7 @@ def run_inference(checkpoint: str, dtype: torch.dtype, prompts: list[int], batch
             model.generate(input_ids=ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                            pad_token_id=config.pad_token_id, streamer=streamer)
         result[f"decode_{batch}_tokens_per_s"] = batch / clock.step_seconds()
-    result["peak_rss"] = _peak_rss()
+    result.update(peak_rss=_peak_rss(), **_rss_parts())
     return result
 
 
@@ -243,7 +254,13 @@ def format_inference(record: dict, machine: dict) -> str:
     share = record["decode_1_tokens_per_s"] / _bound(record, machine) if "decode_1_tokens_per_s" in record else 0
     return (f"{record['config']:11s} [{record['kernels']}] load {record['load_s']:.1f} s  first forward "
             f"{record['first_forward_s']:.1f} s  {prefill}  {decode} ({100 * share:.0f}% of the bound "
-            f"{_bound(record, machine):.2f})  peak RSS {gib(record['peak_rss'])}")
+            f"{_bound(record, machine):.2f})  peak RSS {gib(record['peak_rss'])}{_rss_now(record)}")
+
+
+def _rss_now(record: dict) -> str:
+    if "rss_anon" not in record:
+        return ""
+    return f" (at the end {gib(record['rss_anon'])} anonymous + {gib(record['rss_file'])} file-backed)"
 
 
 def _mfu(record: dict, machine: dict) -> float:
@@ -263,7 +280,8 @@ def markdown_tables(records: list[dict], args) -> str:
     machine = records[0]
     prompts, batches = args.prompts, args.batches
     head = (["configuration", "matmul path", "load", "first forward"] + [f"prefill {p} tok" for p in prompts]
-            + [f"decode x{b}" for b in batches] + ["read per step", "decode bound x1", "x1 / bound", "peak RSS"])
+            + [f"decode x{b}" for b in batches] + ["read per step", "decode bound x1", "x1 / bound", "peak RSS",
+                                                   "RSS at the end: anonymous + file-backed"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for record in records[1:]:
         if record["kind"] != "infer" or record["status"] != "ok":
@@ -274,13 +292,14 @@ def markdown_tables(records: list[dict], args) -> str:
         cells += [f"{record[f'decode_{b}_tokens_per_s']:.2f} tok/s" for b in batches]
         one = record.get("decode_1_tokens_per_s")
         cells += [gib(record["decode_bytes"]), f"{bound:.2f} tok/s", f"{100 * one / bound:.0f}%" if one else "",
-                  gib(record["peak_rss"])]
+                  gib(record["peak_rss"]),
+                  f"{gib(record['rss_anon'])} + {gib(record['rss_file'])}" if "rss_anon" in record else ""]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", f"| LoRA r=8, seq {args.train_seq}, batch 1 | step | peak RSS | model GFLOP/step | GFLOP/s | "
-              "torch.mm GFLOP/s (same dtype) | CPU MFU |", "|---|---|---|---|---|---|---|"]
-    for record in records[1:]:
-        if record["kind"] != "train" or record["status"] != "ok":
-            continue
+    trained = [r for r in records[1:] if r["kind"] == "train" and r["status"] == "ok"]
+    if trained:
+        lines += ["", f"| LoRA r=8, seq {args.train_seq}, batch 1 | step | peak RSS | model GFLOP/step | GFLOP/s | "
+                  "torch.mm GFLOP/s (same dtype) | CPU MFU |", "|---|---|---|---|---|---|---|"]
+    for record in trained:
         dtype = CONFIGS[record["config"]]["dtype"]
         lines.append(f"| {record['config']} | {record['step_s']:.1f} s | {gib(record['peak_bytes'])} | "
                      f"{record['flops'] / 1e9:.0f} | {record['flops_per_s'] / 1e9:.1f} | "

@@ -11,28 +11,31 @@ The matmul paths (:func:`explain_kernel` is the one rule that picks them; :func:
 - ``"torch"``, the pure path, everywhere: the weight is dequantized in the input's dtype (``q * scale`` exact, rounded
   once) and multiplied with ``F.linear``. On the CPU it is unpacked a block of rows (forward) or of input columns
   (backward) at a time into one reused buffer, which stays in the cache: the same numbers as unpacking the whole
-  matrix, about 4x faster (a full-size attention matrix, one fp32 row: 91 ms -> 24 ms on 2 cores).
+  matrix, several times faster (a 12288 x 4096 matrix, one fp32 row, 2 cores: 114 ms -> 18 ms).
 - ``"triton"``: on CUDA, INT4 layers with fp16/bf16/fp32 inputs use the fused kernels of :mod:`chatglm.int4_triton`
   when ``triton`` imports (same results up to the order of fp32 sums).
 - ``"cpu-int4pack"`` / ``"cpu-int8pack"``: on the CPU, bf16 inputs use PyTorch's own weight-only kernels
   (``aten._weight_int4pack_mm_for_cpu`` on a repacked copy of the INT4 weight, ``aten._weight_int8pack_mm`` on the
   INT8 weight as stored). They serve decoding and short prompts: at most 64 rows (INT4) or 16 rows (INT8), outside
-  autograd. Beyond that, and in every backward pass, the streamed pure path is as fast or faster (measured on a
-  12288 x 4096 matrix, bf16, 2 cores: INT4 kernel 1.0 ms for 1 row, 22 ms for 64, 86 ms for 256; streamed unpack +
-  bf16 GEMM 16, 26, 50 ms).
+  autograd. Beyond that, and in every backward pass, the streamed pure path is as fast or faster (the four matrices
+  of a full-size layer, bf16, 2 cores: INT4 kernel 49, 114, 154 ms for 32, 64, 80 rows, streamed 91, 130, 155 ms;
+  a 12288 x 4096 matrix: kernel 1.0 ms for one row and 105 ms for 256, streamed 18 and 56 ms).
 
 Precision. The kernels are fast only in bf16 (their fp32 and x86 fp16 versions are scalar loops: 44 ms for one
-fp32 row, 190 ms for four). So bf16 inputs, and inputs under a bf16 ``autocast``, take them; fp32 inputs keep the
-exact pure path (the parity tests against the original hold at 1e-5), since casting them to bf16 would round every
-input and output (relative error about 4e-3). In the kernels each weight is ``q * bf16(scale)`` exactly in fp32 and
-the sums run in fp32, rounded once to bf16: within the pure bf16 path's own rounding of each weight and output.
+fp32 row of that matrix, 190 ms for four). So bf16 inputs, and inputs under a bf16 ``autocast``, take them; fp32
+inputs keep the exact pure path (the parity tests against the original hold at 1e-5), since casting them to bf16
+would round every input and output (relative error about 4e-3). In the kernels each weight is ``q * bf16(scale)``
+exactly in fp32 and the sums run in fp32, rounded once to bf16: within the pure bf16 path's own rounding of each
+weight and output. On the parity fixtures in bf16 the greedy ids stay the original's.
 
-Memory. The INT4 repacked copy is as large as the packed weight (2.8 GB at full size) and exists only once a layer
-has run the kernel (generation, evaluation); training never makes it, because autograd-recording forwards stream
-the stored bytes, and so does every backward pass. A transposed packed copy for the backward would be about 1.3x
-faster there (64 rows: 23 vs 29 ms on the matrix above) but cost another 2.8 GB, beyond an 8 GiB budget for LoRA on
-the full model. The stored bytes stay resident (``state_dict()``, the other paths, re-packing after a change): the
-kernel's layout depends on the CPU's vector width, so rebuilding the public bytes from it is not done.
+Memory and the backward pass. The INT4 repacked copy is as large as the stored weight (2.6 GiB at full size; about
+10 s to make on 2 cores) and exists only once a layer has run the kernel (generation, evaluation); training never
+makes it, because autograd-recording forwards stream the stored bytes, and so does every backward pass. A second
+packed copy of the transposed matrix would make the input gradient about 1.5x faster (64 rows on the matrix above:
+23 vs 35 ms; a full-size LoRA step about 1.3 s shorter than its 8.6 s) but hold 2.6 GiB more (a LoRA step from
+4.6 to 7.2 GiB, and 9.8 GiB once the model also generates): the step is within its target without it, and a 16 GB
+laptop keeps its headroom. The stored bytes stay resident (``state_dict()``, the other paths, repacking after a
+change): the kernel's layout depends on the CPU's vector width, so the public bytes are not rebuilt from it.
 
 The repacked copy is keyed on the identity, address and version counter of ``weight`` and ``weight_scale`` and
 dropped by ``set_weight``, ``load_state_dict`` and ``.to()``/``.float()``/...; a write through ``.data`` bypasses the
@@ -276,20 +279,25 @@ def int4_kernel(bits: int, device: torch.device | str, dtype: torch.dtype,
 
 
 def _dequantize_block(qweight: torch.Tensor, scale: torch.Tensor, bits: int, dtype: torch.dtype,
-                      buffer: torch.Tensor) -> torch.Tensor:
-    """:func:`dequantize_weight` of a block of the stored weight, written into ``buffer`` when it can round the same.
+                      buffers: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
+    """:func:`dequantize_weight` of a block of the stored weight, written into reused buffers; the same rounding.
 
-    A bf16 product of two bf16 values is the exact fp32 product rounded once, so with a bf16 scale the block is
-    computed in bf16 directly; other scales for bf16 need the fp32 detour of :func:`dequantize_weight`.
+    ``buffers`` is (result in ``dtype``, fp32 work space or None). A bf16 product of two bf16 values is the exact
+    product rounded once, so with the scale already in ``dtype`` (or an exact ``dtype``) the block is computed in
+    place; an fp16 scale for bf16 (as ``from_pretrained(dtype=torch.bfloat16)`` leaves it) needs the exact product in
+    fp32 first, rounded once into the result.
     """
-    if buffer.dtype != dtype:
-        return dequantize_weight(qweight, scale, bits, dtype)
-    return unpack_into(buffer, qweight, bits).mul_(scale.to(dtype)[:, None])
+    out, work = buffers
+    if work is None:
+        return unpack_into(out, qweight, bits).mul_(scale.to(dtype)[:, None])
+    exact = unpack_into(work, qweight, bits).mul_(scale.float()[:, None])
+    return out[: exact.numel()].view(exact.shape).copy_(exact)
 
 
-def _stream_buffer(qweight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, elements: int) -> torch.Tensor:
+def _stream_buffers(scale: torch.Tensor, dtype: torch.dtype, elements: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     direct = dtype in (torch.float16, torch.float32, torch.float64) or scale.dtype == dtype
-    return torch.empty(elements, dtype=dtype if direct else torch.float32, device=qweight.device)
+    out = torch.empty(elements, dtype=dtype, device=scale.device)
+    return out, None if direct else torch.empty(elements, dtype=torch.float32, device=scale.device)
 
 
 def _pure_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
@@ -298,9 +306,9 @@ def _pure_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bi
     step = max(1, STREAM_ELEMENTS // in_features)
     if x.device.type != "cpu" or step >= out_features:
         return F.linear(x, dequantize_weight(qweight, scale, bits, x.dtype))
-    buffer = _stream_buffer(qweight, scale, x.dtype, step * in_features)
+    buffers = _stream_buffers(scale, x.dtype, step * in_features)
     blocks = [F.linear(x, _dequantize_block(qweight[start : start + step], scale[start : start + step], bits,
-                                            x.dtype, buffer))
+                                            x.dtype, buffers))
               for start in range(0, out_features, step)]
     return torch.cat(blocks, dim=-1)
 
@@ -313,9 +321,9 @@ def _pure_input_grad(grad: torch.Tensor, qweight: torch.Tensor, scale: torch.Ten
     step = max(128, STREAM_ELEMENTS // out_features // 128 * 128)  # whole bytes, whole cache lines
     if grad.device.type != "cpu" or step >= in_features:
         return grad @ dequantize_weight(qweight, scale, bits, grad.dtype)
-    buffer = _stream_buffer(qweight, scale, grad.dtype, step * out_features)
+    buffers = _stream_buffers(scale, grad.dtype, step * out_features)
     blocks = [grad @ _dequantize_block(qweight[:, start // per_byte : (start + step) // per_byte], scale, bits,
-                                       grad.dtype, buffer)
+                                       grad.dtype, buffers)
               for start in range(0, in_features, step)]
     return torch.cat(blocks, dim=-1)
 
