@@ -89,7 +89,20 @@ def open_session(model: str | None, run: str | None, task: str | None, device: s
         loaded, tokenizer = load_finetuned(run, device=device, dtype=dtype, model=model, keep_base=side_by_side)
     else:
         loaded, tokenizer = load_model(model or "tiny", device=device, dtype=dtype)
+    _warm_up(loaded, tokenizer)
     return Session(loaded, tokenizer, get_task(task) if task else None, max_new_tokens)
+
+
+def _warm_up(model, tokenizer) -> None:
+    """One short forward pass before the first message: on a CPU in bf16 the quantized layers repack their weights
+    for the int4pack kernels at first use (about 15 s at full size), so that wait comes with loading, not with the
+    first answer."""
+    started = time.perf_counter()
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[tokenizer.gmask_token_id, tokenizer.bos_token_id]], device=model.device))
+    if time.perf_counter() - started > 2:
+        print(f"ready (the first pass took {time.perf_counter() - started:.0f} s: the weights were prepared for the "
+              "fast path)")
 
 
 def messages(prompt: str | None, stream=None) -> Iterable[str]:
@@ -115,7 +128,10 @@ def converse(session: Session, prompts: Iterable[str], side_by_side: bool = Fals
     for message in prompts:
         for label, base in ((("base", True), ("fine-tuned", False)) if side_by_side else (("model", False),)):
             print(f"{label}> ", end="", file=out, flush=True)
-            started = time.perf_counter()
+            started, first = time.perf_counter(), None
             for piece in session.stream(message, base=base):
+                first = first or time.perf_counter() - started
                 print(piece, end="", file=out, flush=True)
-            print(f"\n  ({time.perf_counter() - started:.1f} s)", file=out, flush=True)
+            total = time.perf_counter() - started
+            timing = f"first words after {first:.1f} s, {total:.1f} s in all" if first else f"{total:.1f} s"
+            print(f"\n  ({timing})", file=out, flush=True)

@@ -86,6 +86,8 @@ def cmd_evaluate(args) -> int:
     settings = given_settings(args)
     if args.out:
         check_out_folder(args.out, purpose="evaluation")
+    if settings.get("device", "cpu") == "cpu":
+        _expect(args.model, args.run, "evaluate", settings.get("dtype"))
     if args.run:
         from .run.artifacts import check_artifact
         from .run.pipeline import recipe_for_evaluation, reevaluate_run
