@@ -84,7 +84,8 @@ def pure_bound(layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
 def assert_within(actual: torch.Tensor, expected: torch.Tensor, bound: torch.Tensor) -> None:
     error = (actual.double() - expected).abs()
     worst = (error - bound).argmax()
-    assert (error <= bound).all(), f"error {error.flatten()[worst]:.3g} where the bound is {bound.flatten()[worst]:.3g}"
+    assert (error <= bound).all(), (f"error {error.flatten()[worst]:.3g} where the bound is "
+                                    f"{bound.flatten()[worst]:.3g}")
 
 
 def pure_output(layer: QuantizedLinear, x: torch.Tensor, monkeypatch) -> torch.Tensor:

@@ -240,3 +240,19 @@ def test_compare_trains_quickly_when_asked(tiny_checkpoint, tmp_path, monkeypatc
     for method in METHOD_NOTEBOOKS.values():
         assert (tmp_path / "runs" / f"{method}-ie" / "metrics.json").is_file()
     assert len(outputs(notebook, "image/png")) >= 2
+
+
+def test_compare_draws_someone_elses_bundle_next_to_yours(executed, tmp_path, monkeypatch, tiny_checkpoint):
+    """A teacher's runs, exported as a bundle, join 05's plots and tables, labelled with their model and hardware."""
+    from helpers.run.bundle import export_runs
+
+    bundle = tmp_path / "teacher.zip"
+    export_runs(executed["runs"], bundle)
+    course_env(monkeypatch, tiny_checkpoint, executed["runs"], tmp_path / "cache")
+    monkeypatch.setenv("COURSE_OTHER_RUNS", str(bundle))
+    notebook, _ = execute("05_compare.ipynb", tmp_path / "executed")
+    text = stdout(notebook)
+    assert "from teacher.zip" in text and "Comparing the 8 runs of task 'ie'" in text
+    tables = [o["data"]["text/markdown"] for o in outputs(notebook, "text/markdown")]
+    comparison = next(t for t in tables if "trainable params" in t and "peak MB" in t)
+    assert comparison.count("CPU (") >= 4, "the teacher's runs are labelled with the hardware they ran on"
