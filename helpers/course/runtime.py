@@ -112,6 +112,6 @@ def choose_model(requested: str | None = None, default_gpu: str = REAL_MODEL) ->
         return name, TOY_BANNER + f"\nModel: {name}"
     banner = f"Model: {name}"
     if not torch.cuda.is_available():
-        banner += ("\nWARNING: no GPU: ChatGLM-6B runs on the CPU, fine for evaluating and chatting (bf16 fast path where the "
-                   "CPU has native bf16; README), slow to train: shorten STEPS, or set MODEL = 'tiny'")
+        banner += ("\nWARNING: no GPU: ChatGLM-6B runs on the CPU, fine for evaluating and chatting (bf16 fast "
+                   "path where the CPU has native bf16; README), slow to train: shorten STEPS, or set MODEL = 'tiny'")
     return name, banner
