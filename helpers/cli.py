@@ -10,6 +10,7 @@ with status 2; ``--debug`` shows the traceback instead. Anything else is a bug a
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import sys
 import traceback
@@ -33,7 +34,8 @@ def _add_method_options(parser: argparse.ArgumentParser) -> None:
         if spec["type"] is bool:  # a switch that turns the default around
             group.add_argument(spec["flag"], dest=name, action="store_const", const=not default, help=spec["help"])
         else:
-            group.add_argument(spec["flag"], dest=name, type=spec["type"], help=f"{spec['help']} (default {shown})")
+            group.add_argument(spec["flag"], *spec.get("aliases", ()), dest=name, type=spec["type"],
+                               help=f"{spec['help']} (default {shown})")
 
 
 def method_options(args: argparse.Namespace) -> dict:
@@ -324,8 +326,22 @@ COMMANDS = [add_compare, add_train, add_evaluate, add_chat, add_params, add_esti
 class OneLineParser(argparse.ArgumentParser):
     """argparse with its mistakes in one line (what, which command, where the options are listed), status 2."""
 
+    commands: dict[str, argparse.ArgumentParser] = {}
+
     def error(self, message: str):
         self.exit(EXIT_USER_ERROR, f"error: {' '.join(message.split())} ({self.prog}); see {self.prog} --help\n")
+
+    def parse_args(self, args=None, namespace=None):
+        """As argparse's, but an unknown option is reported by the command it was given to, with the nearest name."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = self.commands.get(getattr(parsed, "command", None), self)
+            known = [flag for flag in command._option_string_actions if flag.startswith("--")]
+            unknown = [arg.split("=")[0] for arg in extras if arg.startswith("-")]
+            near = difflib.get_close_matches(unknown[0], known, n=1, cutoff=0.75) if unknown else []
+            hint = f"; did you mean {near[0]}?" if near else ""
+            command.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
+        return parsed
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
@@ -341,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     for add in COMMANDS:
         add(commands)
+    parser.commands = dict(commands.choices)
     return parser
 
 

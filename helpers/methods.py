@@ -44,8 +44,9 @@ METHOD_OPTIONS = {
                    "help": "freeze: turn those layers' INT4 matrices into trainable fp32 Linear layers"},
     "pre_seq_len": {"flag": "--pre-seq-len", "type": int, "help": "ptuning_v2: prefix length"},
     "prefix_projection": {"flag": "--no-projection", "type": bool, "help": "ptuning_v2: no MLP reparametrisation"},
-    "r": {"flag": "--r", "type": int, "help": "lora: rank"},
-    "alpha": {"flag": "--alpha", "type": float, "help": "lora: scaling numerator (the update is scaled by alpha / r)"},
+    "r": {"flag": "--r", "aliases": ("--rank", "--lora-r"), "type": int, "help": "lora: rank"},
+    "alpha": {"flag": "--alpha", "aliases": ("--lora-alpha",), "type": float,
+              "help": "lora: scaling numerator (the update is scaled by alpha / r)"},
     "dropout": {"flag": "--lora-dropout", "type": float, "help": "lora: dropout"},
     "target_modules": {"flag": "--target-modules", "type": str, "help": "lora: comma-separated layer names"},
 }

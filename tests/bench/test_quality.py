@@ -44,7 +44,9 @@ def test_quality_table_averages_each_model_over_its_seeds_and_keeps_one_model_ta
              "main_metric": "rouge_l", "main": value, "repetition_rate": 0.0, "train_s": 20}
             for model, seed, value in [("b", 42, 0.2), ("a", 42, 0.3), ("b", 43, 0.4), ("a", 43, 0.5)]]
     table = format_table(rows)
-    assert "| rouge_l 0.350 (0.200–0.500) | 0.00 (0.00–0.00) | 20 (20–20) | 0.300 / 0.400 |" in table  # b first: the order given
+    # b first: the order given
+    assert "| rouge_l 0.350 (0.200–0.500) | 0.00 (0.00–0.00) | 20 (20–20) | 0.300 / 0.400 |" in table
     assert "2 model(s): b, a; fine-tuning seeds [42, 43]" in table
     single = format_table([row for row in rows if row["model"] == "a"])
-    assert single.splitlines()[0].count("|") == 8 and "| rouge_l 0.400 (0.300–0.500) | 0.00 (0.00–0.00) | 20 (20–20) |" in single
+    assert single.splitlines()[0].count("|") == 8
+    assert "| rouge_l 0.400 (0.300–0.500) | 0.00 (0.00–0.00) | 20 (20–20) |" in single

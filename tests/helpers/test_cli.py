@@ -170,6 +170,11 @@ def test_a_folder_that_is_no_model_is_one_line(tmp_path, capsys):
     (["train", "--method", "lorra", "--out", "x"], "argument --method: invalid choice: 'lorra'"),
     (["train", "--method", "lora", "--task", "qa", "--out", "x"], "argument --task: invalid choice: 'qa'"),
     ([], "the following arguments are required: command"),
+    (["train", "--method", "lora", "--out", "x", "--steeps", "3"],
+     "unrecognized arguments: --steeps 3; did you mean --steps? (python -m helpers train)"),
+    (["train", "--method", "lora", "--out", "x", "--max-target-lenght=9"], "did you mean --max-target-length?"),
+    (["compare", "--bogus"], "unrecognized arguments: --bogus (python -m helpers compare); see python -m helpers "
+                             "compare --help"),
 ])
 def test_argparse_errors_exit_2_with_one_line_and_the_help_to_read(capsys, argv, named):
     with pytest.raises(SystemExit) as caught:
@@ -177,6 +182,14 @@ def test_argparse_errors_exit_2_with_one_line_and_the_help_to_read(capsys, argv,
     assert caught.value.code == 2
     line = error_line(capsys)  # no usage block: one line
     assert named in line and line.endswith("--help")
+
+
+@pytest.mark.parametrize("spelling", ["--r", "--rank", "--lora-r"])
+def test_lora_rank_and_alpha_take_the_usual_spellings(capsys, spelling):
+    assert main(["params", "--method", "lora", spelling, "2", "--lora-alpha", "8"]) == 0
+    rank2 = capsys.readouterr().out
+    assert main(["params", "--method", "lora"]) == 0
+    assert rank2 != capsys.readouterr().out and "trainable params: 917,504" in rank2
 
 
 def test_warnings_print_as_one_line_and_the_format_is_restored(monkeypatch):
