@@ -15,7 +15,7 @@ import json
 import math
 import os
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +24,7 @@ from .files import write_text
 from .methods import METHODS
 from .reference import load_reference_curves, reference_info
 from .run.memory import MIB
-from .run.record import Run, RunRecord, finished_runs
+from .run.record import Run, RunRecord, finished_runs, load_runs
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -87,6 +87,19 @@ def perplexity_change(before: float, after: float) -> str:
 # ----------------------------------------------------------------------------------------------------------
 # Labels and colors
 # ----------------------------------------------------------------------------------------------------------
+
+
+def as_runs(runs: Run | Sequence[Run] | str | os.PathLike) -> list[Run]:
+    """Runs as the figures take them: a list of :class:`Run`, one run, or where to load them from
+    (:func:`~helpers.run.record.load_runs`: a run folder, a folder of runs, a bundle)."""
+    if isinstance(runs, (str, os.PathLike)):
+        return load_runs(runs)
+    runs = [runs] if isinstance(runs, Run) else list(runs) if isinstance(runs, Iterable) else [runs]
+    wrong = next((run for run in runs if not isinstance(run, Run)), None)
+    if wrong is not None:
+        raise UserError(f"runs must be Run objects (helpers.load_runs(\"runs\")) or a folder to load them from; got "
+                        f"{type(wrong).__name__} {wrong!r:.60}")
+    return runs
 
 
 def method_color(method: str, index: int = 0) -> str:
@@ -157,6 +170,7 @@ def plot_loss_curves(runs: Sequence[Run], ax: Axes | None = None, smooth_weight:
 ) -> Figure:
     """Training loss against step for every run: faint raw curve, smoothed curve, one color per method (runs made
     elsewhere dash-dotted)."""
+    runs = as_runs(runs)
     if ax is None:
         fig, axes = _new_figure(1, 1, (7, 4.5))
         ax = axes[0, 0]
@@ -258,7 +272,7 @@ def _costs(run: Run) -> dict[str, Any]:
 def comparison_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
     """One row per finished run: what was trained, its main and key metrics, what it cost, its label in the figures
     and, for a run made elsewhere, the bundle it came from (``source``); missing values are None."""
-    runs = finished_runs(runs)
+    runs = finished_runs(as_runs(runs))
     rows = []
     for run, label in zip(runs, run_labels(runs)):
         metrics = run.metrics
@@ -339,7 +353,7 @@ def plot_comparison(runs: Sequence[Run], path: str | os.PathLike | None = None) 
     from . import plotting_panels as panels
 
     fig, axes = _new_figure(2, 3, (18, 10.5))
-    runs = finished_runs(runs)
+    runs = finished_runs(as_runs(runs))
     rows = comparison_rows(runs)
     colors = _colors([row["method"] for row in rows])
     plot_loss_curves(runs, ax=axes[0, 0])
@@ -360,7 +374,7 @@ def write_comparison(runs: Sequence[Run], out_dir: str | os.PathLike) -> dict[st
     """Write ``comparison.png``, ``comparison.md`` and ``comparison.json`` (the rows) into ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    runs = finished_runs(runs)
+    runs = finished_runs(as_runs(runs))
     rows = comparison_rows(runs)
     paths = {"png": out / "comparison.png", "md": out / "comparison.md", "json": out / "comparison.json"}
     plot_comparison(runs, paths["png"])
@@ -379,8 +393,8 @@ def _learner_curves(runs: Any) -> list[tuple[str, str, list[float], list[float],
     not yours) or a (label, steps, losses) tuple (yours)."""
     if runs is None:
         return []
-    if isinstance(runs, Run):
-        runs = [runs]
+    if isinstance(runs, (Run, str, os.PathLike)):
+        runs = as_runs(runs)
     labels = iter(run_labels([run for run in runs if isinstance(run, Run)]))
     curves = []
     for run in runs:

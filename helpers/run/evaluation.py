@@ -26,6 +26,7 @@ from ..files import DATA_DIR, write_json, write_text
 from ..methods import mixed_precision
 from ..tasks import IGNORE_INDEX, Collator, Example, Task, encode_example, get_task, left_pad, load_split
 from ..tasks.metrics import cls_scores, gen_scores, ie_scores, repetition_rate
+from ..tasks.rows import as_examples
 from ..tasks.tokens import encode_prompts
 
 if TYPE_CHECKING:
@@ -203,7 +204,7 @@ def evaluate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, task: s
     predictions.
     """
     task = _task(task)
-    examples = list(examples[:limit] if limit else examples)
+    examples = as_examples(examples[:limit] if limit else examples, task.name, group_references=True)
     if not examples:
         raise UserError("no examples to evaluate: examples is empty; give at least one (helpers.load_split(task, "
                         "'test'))")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -187,10 +187,20 @@ def read_examples(path: str | os.PathLike, task: str, text_field: str | None = N
     uses each as its own example unless ``group_references`` is set (evaluation), which keeps one example with
     every reference.
     """
+    examples = examples_from_rows(read_jsonl(path), task, text_field, answer_field, group_references)
+    if not examples:
+        raise DataError(f"{path}: no rows found; the file is empty (give JSON lines in one of the layouts: "
+                        f"{LAYOUTS})")
+    return examples
+
+
+def examples_from_rows(rows: Iterable[tuple[str, dict]], task: str, text_field: str | None = None,
+                       answer_field: str | None = None, group_references: bool = False) -> list[Example]:
+    """Examples from ``(where, row)`` pairs, each row a dict in one of :func:`read_examples`' layouts."""
     if task not in ("ie", "gen", "cls"):
         raise UserError(f"unknown task {task!r} (--task); choose one of ie, gen, cls")
     examples: list[Example] = []
-    for where, row in read_jsonl(path):
+    for where, row in rows:
         text_key, answer_key = _layout(row, task, text_field, answer_field, where)
         text = _text(_field(row, text_key, where), text_key, where)
         kinds = (str, int, list) if task == "cls" else (str, list)
@@ -216,9 +226,26 @@ def read_examples(path: str | os.PathLike, task: str, text_field: str | None = N
             examples.append(Example(text, answers[0], tuple(answers), where))
         else:
             examples.extend(Example(text, a, (), where) for a in answers)
-    if not examples:
-        raise DataError(f"{path}: no rows found; the file is empty (give JSON lines in one of the layouts: "
-                        f"{LAYOUTS})")
+    return examples
+
+
+def as_examples(items: Iterable[Example | dict], task: str, group_references: bool = False) -> list[Example]:
+    """Examples as given, with dicts (``{"text": ..., "answer": ...}`` or another layout of :func:`read_examples`)
+    read into examples; anything else is refused in one line."""
+    if isinstance(items, (str, os.PathLike)):
+        raise UserError(f"examples: got the file name {str(items)!r}; read the file first: "
+                        f"helpers.load_split({task!r}, 'train', path={str(items)!r})")
+    items = list(items)
+    wrong = next((item for item in items if not isinstance(item, (Example, dict))), None)
+    if wrong is not None:
+        raise UserError("examples must be helpers.Example rows (helpers.load_split) or dicts with text and answer "
+                        f"fields; got {_kind(wrong)}")
+    examples: list[Example] = []
+    for number, item in enumerate(items, 1):
+        if isinstance(item, Example):
+            examples.append(item)
+        else:
+            examples += examples_from_rows([(f"example {number}", item)], task, group_references=group_references)
     return examples
 
 

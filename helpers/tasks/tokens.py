@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..errors import UserError
-from .rows import Example
+from .rows import Example, as_examples
 
 if TYPE_CHECKING:
     from . import Task
@@ -95,6 +95,7 @@ class EncodedDataset(torch.utils.data.Dataset):
         from . import get_task
 
         self.task = get_task(task) if isinstance(task, str) else task
+        examples = as_examples(examples, self.task.name)
         if not examples:
             raise UserError(f"{self.task.name}: no training examples to encode; give a file with at least one row")
         _check_lengths(max_source_length=max_source_length, max_target_length=max_target_length)

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import re
 import warnings
 
 import pytest
@@ -359,3 +360,19 @@ def test_test_labels_unseen_in_training_give_one_warning(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert data.warn_unseen_labels(load_split("cls", "train", test), load_split("cls", "test", train)) == []
+
+
+def test_examples_may_be_given_as_dicts_and_other_things_are_one_line(small_tokenizer):
+    given = [Example("电池坏了", "电池_部件故障_坏了"),
+             {"text": "屏幕碎了", "answer": ["屏幕_部件故障_碎了", "屏幕_组成_玻璃"]}]
+    rows = row_files.as_examples(given, "ie")
+    assert rows == [given[0], Example("屏幕碎了", "屏幕_部件故障_碎了", (), "example 2"),
+                    Example("屏幕碎了", "屏幕_组成_玻璃", (), "example 2")]
+    grouped = row_files.as_examples(given, "ie", group_references=True)
+    assert grouped[1].references == ("屏幕_部件故障_碎了", "屏幕_组成_玻璃") and len(grouped) == 2
+    assert len(EncodedDataset(small_tokenizer, "ie", given)) == 3
+    for wrong, named in [([{"text": 1, "answer": "a"}], "example 1: field 'text' must be a text, got a number (1)"),
+                         ("train.json", "helpers.load_split('ie', 'train', path='train.json')"),
+                         ([("a", "b")], "dicts with text and answer fields; got tuple")]:
+        with pytest.raises(UserError, match=re.escape(named)):
+            EncodedDataset(small_tokenizer, "ie", wrong)

@@ -13,6 +13,7 @@ from matplotlib.container import BarContainer
 from matplotlib.figure import Figure
 
 from helpers import plotting, plotting_panels
+from helpers.errors import UserError
 from helpers.estimate import full_size_line
 from helpers.run.memory import GIB, MIB
 from helpers.run.record import Run, RunRecord, load_runs
@@ -310,3 +311,14 @@ def test_runs_from_elsewhere_name_their_model_and_hardware(tmp_path):
     assert not any(label.startswith("your run: freeze") for label in curves)
     assert "| lora (chatglm-6b-int4, NVIDIA A100-SXM4-40GB) |" in plotting.comparison_markdown(
         plotting.comparison_rows(runs))
+
+
+def test_figures_take_a_folder_or_one_run_and_refuse_other_things(runs_dir):
+    runs = load_runs(runs_dir)
+    from_folder = plotting.plot_loss_curves(runs_dir).axes[0]
+    assert [t.get_text() for t in from_folder.get_legend().get_texts()] == [r.method for r in runs]
+    assert len(plotting.plot_loss_curves(runs[0]).axes[0].lines) == 2
+    assert plotting.comparison_rows(str(runs_dir)) == plotting.comparison_rows(runs)
+    for wrong in (3, ["runs"]):
+        with pytest.raises(UserError, match="runs must be Run objects"):
+            plotting.plot_loss_curves(wrong)
