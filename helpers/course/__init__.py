@@ -43,7 +43,7 @@ from .notebook import (  # noqa: F401
     start_tensorboard,
     task_files,
 )
-from .params import Params, params_from_env  # noqa: F401
+from .params import Params, params_from_env, setup_parameters  # noqa: F401
 from .runtime import (  # noqa: F401
     REAL_MODEL,
     TOY_BANNER,

@@ -22,7 +22,7 @@ from ..methods import METHODS
 from ..run.record import Run, RunRecord, load_runs
 from ..tasks import TASKS
 from .display import LiveLossPlot, show_artifact, show_examples, show_metrics, show_predictions, tensorboard_hint
-from .params import Params, method_options, params_from_env, recipe_settings
+from .params import Params, check_places, method_options, params_from_env, recipe_settings, setup_parameters
 from .runtime import choose_model, default_runs_dir, in_colab, interactive_frontend, is_toy
 
 DRIVE_RUNS_DIR = "/content/drive/MyDrive/chatglm-course/runs"  # where DRIVE = True keeps the runs on Colab
@@ -293,10 +293,12 @@ def setup(method: str, show_data: bool = False, **parameters: Any) -> Course:
     from .runtime import runtime_report
 
     quiet_loading()
+    parameters = setup_parameters(method, parameters)
     runtime = runtime_report()
     params = params_from_env(**parameters)
+    check_places(params, method)
     model_name, banner = choose_model(params.model)
-    runs_dir = Path(drive_runs_dir(getattr(params, "drive", False)) or params.runs_dir or default_runs_dir())
+    runs_dir = Path(drive_runs_dir(params.drive) or params.runs_dir or default_runs_dir())
     print(banner)
     print(repr(params))
     train_file, test_file = task_files(params.task, params.full_data)

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ..errors import UserError
 from ..models import default_dtype, is_small_model
 from ..run.memory import GIB
 
@@ -33,7 +34,7 @@ def parse_bool(key: str, raw: str) -> bool:
     value = raw.strip().lower()
     if value in TRUE | FALSE:
         return value in TRUE
-    raise ValueError(f"{key}={raw!r}: expected one of {', '.join(sorted(TRUE | FALSE))}")
+    raise UserError(f"{key}={raw!r}: expected one of {', '.join(sorted(TRUE | FALSE))}")
 
 
 def in_colab() -> bool:

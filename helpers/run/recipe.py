@@ -20,6 +20,7 @@ import difflib
 import json
 import math
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -299,10 +300,15 @@ def check_value(name: str, value: Any) -> Any:
     return str(value) if isinstance(value, Path) else value
 
 
+def nearest_name(name: str, names: Iterable[str]) -> str | None:
+    """The known name a mistyped or older one most likely means (``max_steps`` → ``steps``), or ``None``."""
+    return _OLD_NAMES.get(name) or next(iter(difflib.get_close_matches(name, list(names), 1)), None)
+
+
 def _given(settings: dict[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(settings) - set(SETTINGS))
     if unknown:
-        close = _OLD_NAMES.get(unknown[0]) or next(iter(difflib.get_close_matches(unknown[0], SETTINGS, 1)), None)
+        close = nearest_name(unknown[0], SETTINGS)
         hint = " (method options go in method_options)" if unknown[0] in METHOD_OPTIONS else \
             f" (did you mean {close}?)" if close else ""
         raise UserError(f"unknown setting {unknown[0]!r}{hint}; the settings are: {', '.join(SETTINGS)}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,6 +13,7 @@ import torch
 
 import helpers.course.display
 from helpers import course as nb
+from helpers.errors import UserError
 from helpers.run.record import Run, RunRecord
 from helpers.tasks import Example, get_task
 
@@ -86,8 +88,32 @@ def test_params_unknown_names_take_the_default_type():
     ({"COURSE_LEARNING_RATE": "5"}, "far too large"),
 ])
 def test_params_reject_bad_values(env, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(UserError, match=message):
         nb.params_from_env(env, task="ie", steps=None, dequantize=False)
+
+
+@pytest.mark.parametrize("method, given, message", [
+    ("qlora", {}, "unknown method 'qlora'; choose one of freeze, embedding, ptuning_v2, lora"),
+    ("lora", {"max_steps": 10}, "unknown parameter 'max_steps' (did you mean steps?)"),
+    ("lora", {"learnig_rate": 1e-3}, "unknown parameter 'learnig_rate' (did you mean learning_rate?)"),
+    ("freeze", {"r": 4}, "r=4 is an option of lora, not of freeze"),
+    ("lora", {"run_name": "../elsewhere"}, "run_name='../elsewhere': give a folder name for the run inside runs_dir"),
+    ("lora", {"run_name": 3}, "run_name=3: give a folder name"),
+    ("lora", {"other_runs": "nowhere.zip"}, "other_runs='nowhere.zip': no such file or folder"),
+])
+def test_setup_names_a_careless_parameter_before_anything_loads(monkeypatch, method, given, message):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("loaded a model before checking the parameters")
+
+    monkeypatch.setattr("helpers.models.load_model", no_loading)
+    with pytest.raises(UserError, match=re.escape(message)):
+        nb.setup(method, **given)
+
+
+def test_setup_fills_in_the_parameters_left_out():
+    filled = nb.setup_parameters("lora", {"steps": 3, "r": 2})
+    assert filled == {"model": None, "task": "ie", "runs_dir": None, "run_name": None, "other_runs": None,
+                      "full_data": False, "drive": False, "steps": 3, "r": 2}
 
 
 # ---------------------------------------------------------------------------------------------------------
