@@ -35,7 +35,7 @@ from typing import Any
 from torch import nn
 
 from .errors import UserError
-from .methods import METHODS, apply_method
+from .methods import apply_method, check_method
 from .models import meta_model
 from .run.memory import GIB
 
@@ -205,8 +205,7 @@ def estimate(model_name: str = "THUDM/chatglm-6b-int4", method: str = "lora", se
     compute_bytes = _check_common(device, compute_bytes)
     if not 0 < label_fraction <= 1:
         raise UserError(f"label_fraction must be in (0, 1], got {label_fraction!r}")
-    if method not in METHODS:
-        raise UserError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    check_method(method, flag=None)
     for name in ("pre_seq_len", "r", "layers"):
         if method_options.get(name) is not None:
             _positive_int(method_options[name], name)

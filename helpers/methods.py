@@ -53,6 +53,12 @@ METHOD_OPTIONS = {
 APPLIED_ATTRIBUTE = "applied_method"  # set on a model once a method is applied to it
 
 
+def check_method(method: str, flag: str | None = "--method") -> None:
+    """A :class:`UserError` naming the four methods unless ``method`` is one of them (``flag``: how it was given)."""
+    if method not in METHODS:
+        raise UserError(f"unknown method {method!r}{f' ({flag})' if flag else ''}; choose one of {', '.join(METHODS)}")
+
+
 @dataclass
 class MethodSetup:
     """A model prepared for one method, and a record of what trains."""
@@ -202,8 +208,7 @@ def resolve_method_options(method: str, overrides: dict | None, config) -> dict:
     options say so (``layers`` holds the number that trains); an explicit ``layers`` out of range is an error.
     ``target_modules`` comes back as a list (as stored in run records).
     """
-    if method not in METHOD_DEFAULTS:
-        raise UserError(f"unknown method {method!r} (--method); choose one of {', '.join(METHODS)}")
+    check_method(method)
     config = getattr(config, "config", config)  # a model is accepted too
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
     _check_option_names(method, given)
@@ -365,7 +370,6 @@ def lora(model: nn.Module, r: int | None = None, alpha: float | None = None, dro
 def apply_method(model: nn.Module, method: str, **options) -> MethodSetup:
     """Dispatch by name (``freeze``, ``embedding``, ``ptuning_v2``, ``lora``); options as in each function."""
     functions = {"freeze": freeze, "embedding": embedding, "ptuning_v2": ptuning_v2, "lora": lora}
-    if method not in functions:
-        raise UserError(f"unknown method {method!r} (--method); choose one of {', '.join(METHODS)}")
+    check_method(method)
     _check_option_names(method, options)  # a clear message rather than a TypeError
     return functions[method](model, **options)

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from ..errors import UserError
-from ..methods import METHOD_DEFAULTS, METHOD_OPTIONS
+from ..methods import METHOD_DEFAULTS, METHOD_OPTIONS, check_method
 from ..run.recipe import SETTINGS, base_type, check_value, nearest_name
 from ..tasks import TASKS
 from .runtime import parse_bool
@@ -100,10 +100,7 @@ def method_options(method: str, params: Params) -> dict[str, Any]:
 def setup_parameters(method: str, given: Mapping[str, Any]) -> dict[str, Any]:
     """A method notebook's parameters for ``setup``: the course's defaults, then ``given``, each name checked (a
     mistyped name, or an option of another method, is one line naming the right one) before anything loads."""
-    from ..methods import METHODS
-
-    if method not in METHODS:
-        raise UserError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    check_method(method, flag=None)
     for name, value in given.items():
         owner = next((m for m, options in METHOD_DEFAULTS.items() if name in options), None)
         if owner is not None and owner != method:

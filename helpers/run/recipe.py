@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from ..methods import METHOD_OPTIONS, METHODS, resolve_method_options
+from ..methods import METHOD_OPTIONS, check_method, resolve_method_options
 from ..tasks import TASKS, Task, check_file, get_task, load_split, warn_unseen_labels
 from .memory import GIB
 
@@ -367,8 +367,8 @@ def resolve_recipe(model: str = "tiny", method: str | None = "lora", task: str =
     train and test files are read once to check them. Raises :class:`UserError` naming the first bad setting.
     """
     given = _given(settings)
-    if method is not None and method not in METHODS:
-        raise UserError(f"unknown method {method!r} (--method); choose one of {', '.join(METHODS)}")
+    if method is not None:
+        check_method(method)
     get_task(task)
     device, memory = _device(given.pop("device", None))
     dtype = given.pop("dtype", None)
